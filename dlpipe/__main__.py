@@ -1,0 +1,3 @@
+from dlpipe.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""Optional dependencies: checked with find_spec, imported only by the code that needs them."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from dlpipe.errors import MissingDependencyError
+
+# module name -> (pip extra, what it is for)
+_EXTRAS = {
+    "tensorflow": "tf",
+    "torch": "torch",
+    "torchdata": "torch",
+    "datasets": "hf",
+    "pyarrow": "parquet",
+    "h5py": "hdf5",
+    "webdataset": "webdataset",
+}
+
+
+def is_available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise MissingDependencyError naming the pip command."""
+    if not is_available(module):
+        extra = _EXTRAS.get(module.split(".")[0])
+        cmd = f"pip install 'dlpipe[{extra}]'" if extra else f"pip install {module}"
+        raise MissingDependencyError(f"{purpose} needs {module}, which is not installed; run: {cmd}")
+    return importlib.import_module(module)

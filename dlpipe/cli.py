@@ -1,0 +1,184 @@
+"""The ``dlpipe`` command: a thin click shell; each command calls the Python API of the same name."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+
+import click
+
+from dlpipe.errors import DlpipeError
+
+
+def _debug_option(f):
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+                        callback=lambda ctx, _p, v: ctx.ensure_object(dict).update(debug=True) if v else None,
+                        help="Show the full traceback on errors.")(f)
+
+
+def _friendly_errors(f):
+    """One line on stderr and exit 1 for dlpipe errors; tracebacks only with --debug."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().ensure_object(dict).get("debug") or ctx.ensure_object(dict).get("debug")
+        try:
+            return f(*args, **kwargs)
+        except DlpipeError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"dlpipe: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("dlpipe: interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug: say so in one line unless asked for details
+            if debug:
+                raise
+            click.echo(f"dlpipe: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+                       "traceback, and please report it)", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dlpipe")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """dlpipe: fast deep-learning input pipelines.
+
+    \b
+    dlpipe reshard   padded fixed-length data -> parallel variable-length shards
+    dlpipe inspect   what a source or a dataset holds (schema, padding waste)
+    dlpipe verify    re-read every shard and check it against the manifest
+    """
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+_SOURCE_HELP = """
+\b
+SOURCE may be:
+  NAME=path.npy ...        one column per .npy file (NAME defaults to the file stem)
+  path.npz                 every array of the archive is a column
+  path.bin --layout L      raw fixed-width records; L like 'input_ids:int32[128],labels:float32[2]'
+  path.tfrecord[.gz]       tf.train.Examples with fixed-length (padded) features
+  DIR | *.parquet          a HF save_to_disk directory, or Parquet files
+  path.h5[:a,b]            HDF5 datasets
+"""
+
+
+def _padding_options(f):
+    for opt in reversed([
+        click.option("--pad-id", type=int, help="Trailing (or leading, with --padding-side left) runs of this "
+                     "id are padding. A pad id inside a sequence is kept."),
+        click.option("--lengths-column", metavar="NAME", help="A column holding each record's real length."),
+        click.option("--mask-column", metavar="NAME", default="attention_mask", show_default=True,
+                     help="A 0/1 mask column marking real positions (HF tokenizers' attention_mask)."),
+        click.option("--padding-side", type=click.Choice(["auto", "right", "left"]), default="auto",
+                     show_default=True, help="Where padding is; auto reads it from the mask (right for --pad-id)."),
+        click.option("--layout", metavar="L", help="Record layout of raw binary input, e.g. "
+                     "'input_ids:int32[128],labels:float32[2]'."),
+        click.option("--header-bytes", type=int, default=0, show_default=True, help="Bytes to skip at the start "
+                     "of each raw binary file."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command(epilog=_SOURCE_HELP)
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("-o", "--output", required=True, metavar="DIR", help="Directory for shards, index files and "
+              "dataset_info.json.")
+@click.option("-f", "--format", "fmt", type=click.Choice(["tfrecord", "webdataset"]), default="tfrecord",
+              show_default=True, help="Shard format.")
+@click.option("--compression", type=click.Choice(["none", "gzip", "zlib"]), default="none", show_default=True,
+              help="Compress shards (TFRecord: gzip or zlib as TFRecordOptions; WebDataset: .tar.gz).")
+@click.option("--num-shards", type=int, help="Shards for the largest split (others in proportion).")
+@click.option("--shard-size", metavar="SIZE", help="Target bytes per shard, e.g. 256MB (default when "
+              "--num-shards is not given).")
+@click.option("--num-shards-multiple-of", type=int, default=1, show_default=True, metavar="K",
+              help="Round shard counts up to a multiple of K (GPUs x loader workers) so they divide evenly.")
+@click.option("--balance-by", type=click.Choice(["bytes", "tokens"]), default="bytes", show_default=True,
+              help="Balance shards by estimated bytes or by tokens.")
+@click.option("-j", "--workers", type=int, help="Worker processes (default: all cores). Output is identical "
+              "for any count.")
+@click.option("--shuffle/--no-shuffle", default=False, show_default=True, help="Globally shuffle records.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffle.")
+@click.option("--split", "splits", metavar="NAME=FRAC,...", help="Named splits, e.g. train=0.9,validation=0.1 "
+              "(taken in order after the shuffle).")
+@_padding_options
+@click.option("--sequence-columns", metavar="A,B", help="Columns padded along their first axis (default: the "
+              "integer columns as wide as the widest, or as the mask).")
+@click.option("--no-strip", is_flag=True, help="Keep every column fixed-length (no padding to remove).")
+@click.option("--keep-mask", is_flag=True, help="Also store the mask/lengths column (derivable, so dropped by "
+              "default).")
+@click.option("--int-encoding", type=click.Choice(["raw", "int64_list"]), default="raw", show_default=True,
+              help="raw: narrowest lossless little-endian bytes (small, fast); int64_list: TF-native ints.")
+@click.option("--overwrite", is_flag=True, help="Replace dlpipe output already in DIR.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@_debug_option
+@_friendly_errors
+def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shards_multiple_of, balance_by,
+            workers, shuffle, seed, splits, pad_id, lengths_column, mask_column, padding_side, layout,
+            header_bytes, sequence_columns, no_strip, keep_mask, int_encoding, overwrite, progress):
+    """Reshard padded fixed-length SOURCE data into variable-length shards.
+
+    Strips the padding of sequence columns, plans shards balanced by bytes or tokens, writes
+    them in parallel (each to a temporary name, renamed when complete) with an "offset size"
+    index per shard, and writes dataset_info.json last. Rerunning after a crash completes only
+    what is missing.
+
+    \b
+    Example:
+      dlpipe reshard input_ids=ids.npy labels=labels.npy -o shards/ --pad-id 0 --num-shards 16
+    """
+    from dlpipe.reshard import reshard as run
+
+    seq = [] if no_strip else (sequence_columns.split(",") if sequence_columns else None)
+    summary = run(
+        list(sources), output, format=fmt, compression=None if compression == "none" else compression,
+        num_shards=num_shards, shard_size=shard_size, num_shards_multiple_of=num_shards_multiple_of,
+        balance_by=balance_by, workers=workers, shuffle=shuffle, seed=seed, splits=splits, pad_id=pad_id,
+        lengths_column=lengths_column, mask_column=mask_column, padding_side=padding_side,
+        sequence_columns=seq, keep_mask=keep_mask, int_encoding=int_encoding, layout=layout,
+        header_bytes=header_bytes, overwrite=overwrite, progress=progress,
+    )
+    click.echo(str(summary))
+
+
+@main.command(epilog=_SOURCE_HELP)
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@_padding_options
+@_debug_option
+@_friendly_errors
+def inspect(paths, pad_id, lengths_column, mask_column, padding_side, layout, header_bytes):
+    """Describe a source (schema, padding waste, length histogram) or a dlpipe dataset directory."""
+    from dlpipe.inspect import inspect as run
+
+    click.echo(run(list(paths), pad_id=pad_id, lengths_column=lengths_column, mask_column=mask_column,
+                   padding_side=padding_side, layout=layout, header_bytes=header_bytes))
+
+
+@main.command()
+@click.argument("path", metavar="DIR")
+@_debug_option
+@_friendly_errors
+def verify(path):
+    """Re-read every shard of DIR: CRCs, record and token counts, index files and checksums
+    against dataset_info.json. Exits 1 on any mismatch."""
+    from dlpipe.verify import verify as run
+
+    report = run(path, raise_on_error=False)
+    for problem in report.problems:
+        click.echo(f"dlpipe: error: {problem}", err=True)
+    click.echo(str(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""How each column is stored in shards, and the batches writers encode.
+
+A column is either *variable* (its first axis was padded; the padding is stripped and each record
+keeps only its real elements) or *fixed* (labels, coordinates: every record the same shape).
+Values are stored as little-endian ``storage_dtype``, the narrowest dtype that holds every value
+of the column losslessly; readers cast back to the logical ``dtype`` recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dlpipe.errors import ConfigError
+
+ENCODINGS = ("raw", "int64_list", "float_list")
+_INT_LADDER = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.uint64]
+
+
+@dataclass(frozen=True)
+class ColumnEncoding:
+    """One column as stored: logical dtype/shape, storage dtype and TFRecord feature encoding.
+
+    ``shape`` is the logical per-record shape; ``None`` marks the variable (stripped) axis.
+    ``encoding``: ``raw`` = one bytes_list value of little-endian ``storage_dtype`` values;
+    ``int64_list`` / ``float_list`` = TensorFlow-native lists.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+    storage_dtype: str
+    encoding: str = "raw"
+
+    @property
+    def variable(self) -> bool:
+        return bool(self.shape) and self.shape[0] is None
+
+    @property
+    def inner(self) -> int:
+        """Elements per step of the variable axis (or per record, for a fixed column)."""
+        dims = self.shape[1:] if self.variable else self.shape
+        return int(np.prod(dims, dtype=np.int64)) if dims else 1
+
+    def to_json(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "storage_dtype": self.storage_dtype,
+            "encoding": self.encoding,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> ColumnEncoding:
+        return cls(name, d["dtype"], tuple(d["shape"]), d["storage_dtype"], d["encoding"])
+
+
+@dataclass
+class ColumnBatch:
+    """One column for n records, ready to encode: ``data`` is (n, width) in storage dtype, and
+    row i's first ``elems[i]`` values are real (``elems`` None: all of them)."""
+
+    data: np.ndarray
+    elems: np.ndarray | None
+
+
+def narrowest_dtype(dtype: np.dtype, lo, hi) -> np.dtype:
+    """The smallest dtype that holds every value in [lo, hi] of a column of ``dtype`` exactly."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype.kind in "iu":
+        if lo is None:  # empty column
+            return np.dtype(np.uint8)
+        for cand in _INT_LADDER:
+            info = np.iinfo(cand)
+            if info.min <= int(lo) and int(hi) <= info.max:
+                return np.dtype(cand)
+    if dtype.kind == "f":
+        return dtype.newbyteorder("=")
+    raise ConfigError(f"cannot store dtype {dtype}; dlpipe stores integer, float and bool columns")
+
+
+def choose_encoding(
+    name: str, dtype: np.dtype, shape: tuple[int | None, ...], lo, hi, *, int_encoding: str = "raw"
+) -> ColumnEncoding:
+    """Pick storage dtype and encoding for a column from its value range.
+
+    ``int_encoding="int64_list"`` stores integers as TF-native int64 lists (bigger, but readable
+    with a plain ``tf.io.VarLenFeature(tf.int64)``); floats then go to float_list when float32.
+    """
+    if int_encoding not in ("raw", "int64_list"):
+        raise ConfigError(f"int_encoding={int_encoding!r}; use 'raw' or 'int64_list'")
+    dtype = np.dtype(dtype)
+    storage = narrowest_dtype(dtype, lo, hi)
+    encoding = "raw"
+    if int_encoding == "int64_list":
+        if dtype.kind in "iub":
+            if dtype == np.uint64 and hi is not None and int(hi) >= 2**63:
+                raise ConfigError(f"column {name!r} holds uint64 values >= 2**63; int64_list cannot")
+            storage, encoding = np.dtype(np.int64), "int64_list"
+        elif dtype == np.float32:
+            encoding = "float_list"
+    return ColumnEncoding(name, dtype.name, tuple(shape), storage.name, encoding)

@@ -1,0 +1,91 @@
+"""The exceptions dlpipe raises.
+
+    DlpipeError
+    ├── ConfigError(ValueError)          an argument or option is invalid
+    ├── FormatError                      input data is malformed (carries path and offset)
+    │   └── PaddingError                 padding cannot be found, or lengths are ambiguous
+    ├── OutputError                      the output location cannot be used as asked
+    ├── VerifyError                      written shards disagree with their manifest
+    └── MissingDependencyError(ImportError)  an optional extra is not installed
+
+The CLI turns any DlpipeError into one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "ConfigError",
+    "DlpipeError",
+    "FormatError",
+    "MissingDependencyError",
+    "OutputError",
+    "PaddingError",
+    "VerifyError",
+]
+
+
+class DlpipeError(Exception):
+    """Base class of every error dlpipe raises on purpose."""
+
+
+class ConfigError(DlpipeError, ValueError):
+    """An argument or option is invalid; the message names it, the value and what is valid."""
+
+
+class FormatError(DlpipeError):
+    """Input data is malformed.
+
+    ``path`` and ``offset`` (a byte offset, or None) say where; ``hint`` what to do.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        message: str,
+        *,
+        offset: int | None = None,
+        record: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.offset = offset
+        self.record = record
+        self.hint = hint
+        self.detail = message
+        where = self.path or "<input>"
+        if offset is not None:
+            where += f" at byte {offset}"
+        if record is not None:
+            where += f" (record {record})"
+        text = f"{where}: {message}"
+        if hint:
+            text += f"; {hint}"
+        super().__init__(text)
+
+    def __reduce__(self):  # survive pickling across worker processes
+        return (
+            _rebuild_format_error,
+            (type(self), self.path, self.detail, self.offset, self.record, self.hint),
+        )
+
+
+def _rebuild_format_error(cls, path, message, offset, record, hint):
+    return cls(path, message, offset=offset, record=record, hint=hint)
+
+
+class PaddingError(FormatError):
+    """Padding cannot be located, or the lengths it implies are ambiguous."""
+
+
+class OutputError(DlpipeError):
+    """The output location cannot be used: it exists with other content, is not writable, is full."""
+
+
+class VerifyError(DlpipeError):
+    """Shards on disk disagree with their manifest (CRC, counts or checksums)."""
+
+
+class MissingDependencyError(DlpipeError, ImportError):
+    """An optional dependency is missing; the message carries the pip command that installs it."""

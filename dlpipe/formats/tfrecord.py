@@ -1,0 +1,255 @@
+"""TFRecord framing, written and read without TensorFlow.
+
+A TFRecord file is a sequence of frames::
+
+    uint64 length (little-endian)
+    uint32 masked_crc32c(length bytes)
+    byte   data[length]
+    uint32 masked_crc32c(data)
+
+GZIP and ZLIB compression wrap the whole stream, as ``tf.io.TFRecordOptions`` defines them.
+Framing is done for many records per call: one numpy pass builds every header, and the only
+per-record Python work is the C-implemented CRC of each payload.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zlib
+from typing import BinaryIO
+
+import google_crc32c
+import numpy as np
+
+from dlpipe.errors import ConfigError, FormatError
+from dlpipe.formats.packing import Piece, pack
+
+HEADER_BYTES = 12  # length + length-crc
+FOOTER_BYTES = 4
+FRAME_OVERHEAD = HEADER_BYTES + FOOTER_BYTES
+_MASK_DELTA = np.uint32(0xA282EAD8)
+COMPRESSIONS = (None, "gzip", "zlib")
+
+
+def _mask(crc: np.ndarray) -> np.ndarray:
+    crc = crc.astype(np.uint32)
+    return ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + _MASK_DELTA
+
+
+def masked_crc32c(data: bytes | memoryview) -> int:
+    return int(_mask(np.array([google_crc32c.value(data)], dtype=np.uint32))[0])
+
+
+def crc32c_many(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Unmasked CRC32C of ``buf[starts[i]:ends[i]]`` for every i."""
+    view = memoryview(buf)
+    value = google_crc32c.value
+    # google_crc32c wants bytes; copying a short record costs less than the call itself.
+    return np.array(
+        [value(bytes(view[a:b])) for a, b in zip(starts.tolist(), ends.tolist())], dtype=np.uint32
+    )
+
+
+def frame_records(payload: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame N payloads (``payload[offsets[i]:offsets[i+1]]``) as TFRecords.
+
+    Returns the framed bytes and the N+1 frame offsets within them.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    frame_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths + FRAME_OVERHEAD, out=frame_offsets[1:])
+    out = np.empty(int(frame_offsets[-1]), dtype=np.uint8)
+    starts = frame_offsets[:-1]
+
+    # Headers: 8-byte length + masked CRC of those 8 bytes. Lengths repeat a lot, so the CRC is
+    # computed once per distinct length.
+    len_bytes = lengths.astype("<u8").view(np.uint8).reshape(n, 8)
+    uniq, inverse = np.unique(lengths, return_inverse=True)
+    uniq_crc = _length_crcs(uniq)
+    header = np.empty((n, HEADER_BYTES), dtype=np.uint8)
+    header[:, :8] = len_bytes
+    header[:, 8:] = uniq_crc[inverse].astype("<u4").view(np.uint8).reshape(n, 4)
+    _scatter_rows(out, starts, header)
+
+    data_crc = _mask(crc32c_many(payload, offsets[:-1], offsets[1:]))
+    _scatter_rows(out, starts + HEADER_BYTES + lengths, data_crc.astype("<u4").view(np.uint8).reshape(n, 4))
+    scatter_ragged(out, starts + HEADER_BYTES, payload[offsets[0] : offsets[-1]], lengths)
+    return out, frame_offsets
+
+
+def _length_crcs(lengths: np.ndarray) -> np.ndarray:
+    raw = lengths.astype("<u8").view(np.uint8)
+    at = np.arange(len(lengths), dtype=np.int64) * 8
+    return _mask(crc32c_many(raw, at, at + 8))
+
+
+def frame_pieces(pieces: list[Piece], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame n records given as packing pieces (``lengths``: payload bytes of each).
+
+    Headers are built before packing; only the data CRC is filled in afterwards.
+    """
+    n = len(lengths)
+    if n == 0:
+        return np.empty(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
+    header = np.empty((n, HEADER_BYTES), dtype=np.uint8)
+    header[:, :8] = lengths.astype("<u8").view(np.uint8).reshape(n, 8)
+    uniq, inverse = np.unique(lengths, return_inverse=True)
+    uniq_crc = _length_crcs(uniq)
+    header[:, 8:] = uniq_crc[inverse].astype("<u4").view(np.uint8).reshape(n, 4)
+    footer = np.zeros((n, FOOTER_BYTES), dtype=np.uint8)
+    out, frame_offsets = pack([Piece(header, None), *pieces, Piece(footer, None)], n)
+    starts = frame_offsets[:-1] + HEADER_BYTES
+    data_crc = _mask(crc32c_many(out, starts, starts + lengths))
+    _scatter_rows(out, frame_offsets[1:] - FOOTER_BYTES, data_crc.astype("<u4").view(np.uint8).reshape(n, 4))
+    return out, frame_offsets
+
+
+def _scatter_rows(out: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> None:
+    """out[starts[i] : starts[i] + w] = rows[i] for a (N, w) array of rows."""
+    width = rows.shape[1]
+    idx = starts[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    out[idx.ravel()] = rows.ravel()
+
+
+def scatter_ragged(out: np.ndarray, dst_starts: np.ndarray, flat: np.ndarray, lengths: np.ndarray) -> None:
+    """Copy consecutive pieces of ``flat`` (piece i has ``lengths[i]`` items) to ``out[dst_starts[i]:]``."""
+    total = int(lengths.sum())
+    if total == 0:
+        return
+    src_starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=src_starts[1:])
+    idx = np.repeat(dst_starts - src_starts, lengths) + np.arange(total, dtype=np.int64)
+    out[idx] = flat[:total]
+
+
+def index_lines(frame_offsets: np.ndarray, base: int = 0) -> bytes:
+    """The "offset size" index lines (DALI's tfrecord2idx and the tfrecord package read these)."""
+    starts = frame_offsets[:-1] + base
+    sizes = np.diff(frame_offsets)
+    if len(sizes) == 0:
+        return b""
+    return ("\n".join(f"{a} {b}" for a, b in zip(starts.tolist(), sizes.tolist())) + "\n").encode()
+
+
+def open_compressed_writer(raw: BinaryIO, compression: str | None) -> BinaryIO:
+    """Wrap ``raw`` so bytes written are compressed as TensorFlow's TFRecordOptions expects."""
+    if compression is None:
+        return raw
+    if compression == "gzip":
+        # mtime=0 and no file name keep the output byte-identical across runs.
+        return gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6)
+    if compression == "zlib":
+        return _ZlibWriter(raw)
+    raise ConfigError(f"compression={compression!r} is not one of none, gzip, zlib")
+
+
+class _ZlibWriter(io.RawIOBase):
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._z = zlib.compressobj(6)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._raw.write(self._z.compress(data))
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.write(self._z.flush())
+        super().close()
+
+
+def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> bytes | np.ndarray:
+    """The whole (decompressed) record stream of a file; a memory map when uncompressed."""
+    if compression is None:
+        if os.path.getsize(path) == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return gzip.decompress(data) if compression == "gzip" else zlib.decompress(data)
+    except (OSError, zlib.error, EOFError) as e:
+        raise FormatError(path, f"cannot decompress {compression} stream ({e})",
+                          hint="the file is truncated or not compressed as stated") from None
+
+
+def scan_frames(
+    buf: np.ndarray | bytes,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    check_crc: bool = True,
+    limit: int | None = None,
+) -> np.ndarray:
+    """Walk the frames of a TFRecord stream; return the N+1 frame offsets.
+
+    Raises FormatError naming the byte offset of a truncated frame or a CRC mismatch.
+    ``limit`` stops after that many records.
+    """
+    view = memoryview(buf).cast("B")
+    size = len(view)
+    value = google_crc32c.value
+    offsets = [0]
+    pos = 0
+    while pos < size and (limit is None or len(offsets) <= limit):
+        if pos + HEADER_BYTES > size:
+            raise FormatError(path, f"truncated record header ({size - pos} of 12 bytes)", offset=pos,
+                              record=len(offsets) - 1, hint="the file was cut short; re-create or re-copy it")
+        length = int.from_bytes(view[pos : pos + 8], "little")
+        if check_crc:
+            got = int.from_bytes(view[pos + 8 : pos + 12], "little")
+            if got != masked_crc32c(bytes(view[pos : pos + 8])):
+                raise FormatError(path, "record length CRC mismatch (not a TFRecord file, or corrupt)",
+                                  offset=pos, record=len(offsets) - 1,
+                                  hint="check the file type and compression (gzip/zlib)")
+        end = pos + HEADER_BYTES + length + FOOTER_BYTES
+        if end > size:
+            raise FormatError(path, f"truncated record: needs {length} data bytes, file ends first",
+                              offset=pos, record=len(offsets) - 1,
+                              hint="the file was cut short; re-create or re-copy it")
+        if check_crc:
+            data_start = pos + HEADER_BYTES
+            got = int.from_bytes(view[end - 4 : end], "little")
+            want = value(bytes(view[data_start : end - 4]))
+            if got != int(_mask(np.array([want], dtype=np.uint32))[0]):
+                raise FormatError(path, "record data CRC mismatch (corrupt data)", offset=pos,
+                                  record=len(offsets) - 1, hint="re-create or re-copy the file")
+        offsets.append(end)
+        pos = end
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def payload_bounds(frame_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end of each record's data within the stream, from frame offsets."""
+    return frame_offsets[:-1] + HEADER_BYTES, frame_offsets[1:] - FOOTER_BYTES
+
+
+def check_frame_crcs(buf: np.ndarray, frame_offsets: np.ndarray, *, path=None) -> None:
+    """Vector check of every frame's length and data CRC, given known frame offsets (from an index)."""
+    starts, ends = payload_bounds(frame_offsets)
+    n = len(starts)
+    if n == 0:
+        return
+    if frame_offsets[-1] > len(buf):
+        raise FormatError(path, f"file is shorter ({len(buf)} bytes) than its index says",
+                          offset=int(frame_offsets[-1]), hint="the shard is truncated; rerun the reshard")
+    lengths = ends - starts
+    hdr = buf[(frame_offsets[:-1, None] + np.arange(8)).ravel()].reshape(n, 8).copy().view("<u8").ravel()
+    bad = np.flatnonzero(hdr != lengths.astype(np.uint64))
+    if len(bad):
+        i = int(bad[0])
+        raise FormatError(path, "record length disagrees with the index", offset=int(frame_offsets[i]),
+                          record=i, hint="the shard or its .index file is corrupt")
+    data_crc = _mask(crc32c_many(buf, starts, ends))
+    stored = buf[(ends[:, None] + np.arange(4)).ravel()].reshape(n, 4).copy().view("<u4").ravel()
+    bad = np.flatnonzero(stored != data_crc)
+    if len(bad):
+        i = int(bad[0])
+        raise FormatError(path, "record data CRC mismatch (corrupt data)", offset=int(frame_offsets[i]),
+                          record=i, hint="re-create the shard (rerun the reshard)")

@@ -1,0 +1,140 @@
+"""Plan shards before writing any: which records go to which split and shard.
+
+Shards are contiguous runs of the (optionally shuffled) record order, balanced by estimated
+output bytes or by tokens rather than by record counts, so every shard costs a reader about the
+same. Names follow HF: ``train-00000-of-00016.tfrecord``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from dlpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: records ``order[split_start + start : split_start + stop]``."""
+
+    split: str
+    shard: int
+    num_shards: int
+    filename: str
+    start: int  # into the split's record order
+    stop: int
+
+    @property
+    def num_records(self) -> int:
+        return self.stop - self.start
+
+
+def parse_splits(splits: Mapping[str, float] | str | None) -> dict[str, float]:
+    """``"train=0.9,validation=0.1"`` or a mapping → {name: fraction}, fractions summing to 1."""
+    if splits is None:
+        return {"train": 1.0}
+    if isinstance(splits, str):
+        parsed = {}
+        for part in splits.split(","):
+            name, sep, frac = part.partition("=")
+            try:
+                parsed[name.strip()] = float(frac)
+            except ValueError:
+                raise ConfigError(f"splits={splits!r}: use NAME=FRACTION pairs, e.g. train=0.9,validation=0.1") from None
+            if not sep or not name.strip():
+                raise ConfigError(f"splits={splits!r}: use NAME=FRACTION pairs, e.g. train=0.9,validation=0.1")
+        splits = parsed
+    splits = dict(splits)
+    if not splits or any(f < 0 for f in splits.values()) or not math.isclose(sum(splits.values()), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"splits={splits!r}: fractions must be non-negative and sum to 1")
+    for name in splits:
+        if not name.replace("_", "").isalnum():
+            raise ConfigError(f"split name {name!r}: use letters, digits and underscores")
+    return splits
+
+
+def split_bounds(num_records: int, fractions: Mapping[str, float]) -> dict[str, tuple[int, int]]:
+    """Contiguous [lo, hi) ranges of the record order for each split, in the given order."""
+    bounds, lo, acc = {}, 0, 0.0
+    names = list(fractions)
+    for i, name in enumerate(names):
+        acc += fractions[name]
+        hi = num_records if i == len(names) - 1 else int(round(acc * num_records))
+        bounds[name] = (lo, hi)
+        lo = hi
+    return bounds
+
+
+def record_order(num_records: int, *, shuffle: bool, seed: int) -> np.ndarray | None:
+    """The global permutation written to shards, or None for source order."""
+    if not shuffle:
+        return None
+    return np.random.default_rng(seed).permutation(num_records)
+
+
+def shard_count(
+    total_bytes: float, *, num_shards: int | None, shard_size: int | None, multiple_of: int
+) -> int:
+    if multiple_of < 1:
+        raise ConfigError(f"num_shards_multiple_of={multiple_of}; must be >= 1")
+    if num_shards is not None:
+        if num_shards < 1:
+            raise ConfigError(f"num_shards={num_shards}; must be >= 1")
+        n = num_shards
+    else:
+        n = max(1, math.ceil(total_bytes / shard_size)) if shard_size else 1
+    return math.ceil(n / multiple_of) * multiple_of
+
+
+def balance(costs: np.ndarray, num_shards: int) -> np.ndarray:
+    """num_shards+1 boundaries cutting ``costs`` (in order) into runs of near-equal total cost."""
+    n = len(costs)
+    if n == 0:
+        return np.zeros(num_shards + 1, dtype=np.int64)
+    cum = np.cumsum(costs, dtype=np.float64)
+    targets = cum[-1] * np.arange(1, num_shards) / num_shards
+    # cut where the running cost first reaches each target (nearest boundary of the two)
+    idx = np.searchsorted(cum, targets, side="left")
+    prev = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
+    take_prev = np.abs(prev - targets) <= np.abs(cum[np.minimum(idx, n - 1)] - targets)
+    cuts = np.where(take_prev, idx, idx + 1)
+    cuts = np.clip(np.maximum.accumulate(cuts), 0, n)
+    return np.concatenate([[0], cuts, [n]]).astype(np.int64)
+
+
+def shard_name(split: str, shard: int, num_shards: int, suffix: str) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}{suffix}"
+
+
+def plan_shards(
+    costs: np.ndarray,
+    bounds: Mapping[str, tuple[int, int]],
+    *,
+    suffix: str,
+    num_shards: int | None,
+    shard_size: int | None,
+    multiple_of: int,
+) -> list[ShardTask]:
+    """Shard tasks for every split. ``costs`` is per record, in record order.
+
+    With ``num_shards``, the largest split gets that many shards and the others a share in
+    proportion to their cost (at least one, and a multiple of ``multiple_of``).
+    """
+    totals = {s: float(costs[lo:hi].sum()) for s, (lo, hi) in bounds.items()}
+    biggest = max(totals.values(), default=0.0) or 1.0
+    tasks: list[ShardTask] = []
+    for split, (lo, hi) in bounds.items():
+        if hi <= lo and len(bounds) > 1:
+            continue  # an empty split gets no shards
+        if num_shards is not None:
+            want = max(1, round(num_shards * totals[split] / biggest))
+            count = shard_count(0, num_shards=want, shard_size=None, multiple_of=multiple_of)
+        else:
+            count = shard_count(totals[split], num_shards=None, shard_size=shard_size, multiple_of=multiple_of)
+        cuts = balance(costs[lo:hi], count)
+        for i in range(count):
+            tasks.append(ShardTask(split, i, count, shard_name(split, i, count, suffix), int(cuts[i]), int(cuts[i + 1])))
+    return tasks

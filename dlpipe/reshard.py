@@ -1,0 +1,548 @@
+"""The reshard engine: scan the source, plan shards, write them on a process pool, manifest last.
+
+1. **Scan** (in parallel, by record ranges): every record's real length, each integer column's
+   value range (which picks its storage dtype) and what the padded regions hold.
+2. **Plan**: split, optionally shuffle, and cut shards balanced by bytes or tokens.
+3. **Write**: one task per shard. A shard is a pure function of the plan, so output is
+   byte-identical for any worker count. Each shard goes to a hidden temporary name, is synced,
+   and renamed (index first, data last) when complete; a note in ``.dlpipe/done`` records its
+   stats. A rerun with the same plan skips finished shards, so a crash resumes where it stopped.
+4. **Manifest**: ``dataset_info.json`` is written last; its presence means the dataset is whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dlpipe import shards as shard_formats
+from dlpipe._units import format_bytes, parse_size
+from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding
+from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
+from dlpipe.manifest import MANIFEST, ShardInfo, build_manifest, write_json_atomic
+from dlpipe.padding import PaddingSpec, left_align, pad_values, padding_region, record_lengths, resolve_padding
+from dlpipe.plan import ShardTask, parse_splits, plan_shards, record_order, split_bounds
+from dlpipe.progress import Progress
+from dlpipe.sources import Source, open_source
+
+STATE_DIR = ".dlpipe"
+_SHARD_FILE = r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.(tfrecord|tar)(\.gz|\.zz)?(\.index)?$"
+_EXAMPLE_OVERHEAD = 24  # rough bytes per record of framing and keys, for balancing only
+
+
+@dataclass
+class ReshardSummary:
+    output: str
+    num_records: int
+    num_shards: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    shards_written: int
+    shards_reused: int
+
+    @property
+    def records_per_s(self) -> float:
+        return self.num_records / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / self.output_bytes if self.output_bytes else float("inf")
+
+    def __str__(self) -> str:
+        reused = f", {self.shards_reused} reused from an earlier run" if self.shards_reused else ""
+        return (
+            f"{self.num_records:,} records in {self.num_shards} shards{reused}: "
+            f"{format_bytes(self.input_bytes)} -> {format_bytes(self.output_bytes)} "
+            f"({self.ratio:.1f}x smaller), {self.seconds:.1f} s, {self.records_per_s:,.0f} records/s"
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs, sent once per worker process."""
+
+    source: Source
+    spec: PaddingSpec
+    fmt: str
+    compression: str | None
+    output: str
+    chunk_rows: int
+
+
+_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def reshard(
+    sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    format: str = "tfrecord",
+    compression: str | None = None,
+    num_shards: int | None = None,
+    shard_size: int | str | None = None,
+    num_shards_multiple_of: int = 1,
+    balance_by: str = "bytes",
+    workers: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    splits: Mapping[str, float] | str | None = None,
+    pad_id: int | None = None,
+    lengths_column: str | None = None,
+    mask_column: str | None = "attention_mask",
+    padding_side: str = "auto",
+    sequence_columns: Sequence[str] | None = None,
+    keep_mask: bool = False,
+    int_encoding: str = "raw",
+    layout: str | None = None,
+    header_bytes: int = 0,
+    source_compression: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ReshardSummary:
+    """Reshard padded fixed-length ``sources`` into variable-length shards under ``output``.
+
+    See ``dlpipe reshard --help`` for every option; the CLI calls this with the same names.
+    Returns a summary; raises a DlpipeError subclass on bad input or options, leaving no
+    partial shard or manifest behind (finished shards of an interrupted run are kept so that a
+    rerun resumes).
+    """
+    t0 = time.perf_counter()
+    output = os.fspath(output)
+    shard_formats.check_format(format, compression)
+    if num_shards is not None and shard_size is not None:
+        raise ConfigError("pass num_shards or shard_size, not both")
+    shard_bytes = parse_size(shard_size, name="shard_size") if shard_size is not None else None
+    if num_shards is None and shard_bytes is None:
+        shard_bytes = 256 * 10**6
+    if balance_by not in ("bytes", "tokens"):
+        raise ConfigError(f"balance_by={balance_by!r}; use 'bytes' or 'tokens'")
+    workers = os.cpu_count() or 1 if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"workers={workers}; must be >= 1")
+    fractions = parse_splits(splits)
+    if header_bytes < 0:
+        raise ConfigError(f"header_bytes={header_bytes}; must be >= 0")
+
+    source = open_source(sources, layout=layout, header_bytes=header_bytes, compression=source_compression)
+    spec = resolve_padding(
+        source.columns, pad_id=pad_id, lengths_column=lengths_column, mask_column=mask_column,
+        padding_side=padding_side, sequence_columns=sequence_columns, keep_mask=keep_mask,
+        source_name=source.paths[0] if len(source.paths) == 1 else source.describe(),
+    )
+    out_names = [n for n in source.columns if n not in spec.dropped]
+    if not out_names:
+        raise ConfigError("no columns left to write after dropping the mask/lengths columns")
+    row_bytes = sum(c.width * c.dtype.itemsize for c in source.columns.values()) or 1
+    chunk_rows = int(max(256, min(65536, (8 << 20) // row_bytes)))
+    show = sys.stderr.isatty() if progress is None else progress
+    n = source.num_records
+
+    job = _Job(source, spec, format, compression, output, chunk_rows)
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))
+    try:
+        lengths, ranges, pads = _scan(job, pool, show)
+        encodings = _encodings(source, spec, out_names, ranges, int_encoding)
+        pad_value = _check_pad_values(spec, pads, source)
+
+        order = record_order(n, shuffle=shuffle, seed=seed)
+        ordered_lengths = lengths if order is None else lengths[order]
+        costs = _record_costs(ordered_lengths, encodings, balance_by)
+        bounds = split_bounds(n, fractions)
+        tasks = plan_shards(costs, bounds, suffix=shard_formats.suffix(format, compression),
+                            num_shards=num_shards, shard_size=shard_bytes, multiple_of=num_shards_multiple_of)
+        plan = {
+            "num_shards": len(tasks), "shuffle": shuffle, "seed": seed if shuffle else None,
+            "splits": fractions, "balance_by": balance_by, "int_encoding": int_encoding,
+            "padding": {k: v for k, v in asdict(spec).items() if k != "dropped"} | {"dropped": list(spec.dropped)},
+            "shards": [[t.split, t.start, t.stop] for t in tasks],
+        }
+        plan_hash = _hash({"plan": plan, "source": source.fingerprint(), "format": format,
+                           "compression": compression, "columns": {k: e.to_json() for k, e in encodings.items()}})
+        plan["hash"] = plan_hash
+        done = _prepare_output(output, plan_hash, overwrite)
+        if done is None:  # already complete with the same plan
+            return _summary(output, source, tasks, time.perf_counter() - t0, written=0, reused=len(tasks))
+
+        todo = [t for t in tasks if t.filename not in done]
+        stats = dict(done)
+        with Progress(n, "write", enabled=show) as bar:
+            bar.update(sum(s.num_records for s in done.values()))
+            for task, info in zip(todo, _run(pool, job, _write_shard_task, [(t, _task_rows(t, bounds, order), encodings) for t in todo])):
+                stats[task.filename] = info
+                bar.update(task.num_records)
+
+        shard_infos = [stats[t.filename] for t in tasks]
+        column_stats = _column_stats(spec, encodings, lengths, pad_value)
+        source_info = {
+            "kind": source.kind, "paths": source.paths, "fingerprint": source.fingerprint(),
+            "num_records": n, "num_bytes": source.num_bytes,
+            "columns": {k: {"dtype": c.dtype.name, "shape": list(c.shape)} for k, c in source.columns.items()},
+        }
+        from dlpipe import __version__
+
+        manifest = build_manifest(fmt=format, compression=compression, columns=encodings, shards=shard_infos,
+                                  column_stats=column_stats, source=source_info, plan=plan, version=__version__)
+        write_json_atomic(os.path.join(output, MANIFEST), manifest)
+        shutil.rmtree(os.path.join(output, STATE_DIR), ignore_errors=True)
+        return _summary(output, source, tasks, time.perf_counter() - t0, written=len(todo), reused=len(done))
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+            pool = None
+        _remove_temporaries(output)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _pool_context():
+    """fork when it is safe (no framework threads in this process): fastest, and works from
+    scripts without a ``__main__`` guard; otherwise forkserver (or spawn)."""
+    import threading
+
+    methods = multiprocessing.get_all_start_methods()
+    frameworks = {"tensorflow", "torch", "jax"} & set(sys.modules)
+    if "fork" in methods and not frameworks and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _run(pool, job: _Job, fn: Callable, args: list) -> Iterator:
+    """Results of fn over args, in order: on the pool, or in this process when there is none."""
+    if pool is None:
+        _init_worker(job)
+        return (fn(a) for a in args)
+    return pool.map(fn, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# scan
+
+
+def _scan_range(bounds: tuple[int, int]) -> tuple[np.ndarray, dict, dict]:
+    job = _JOB
+    start, stop = bounds
+    chunk = job.source.read(start, stop)
+    lengths, is_left = record_lengths(chunk, job.spec, path=job.source.paths[0], first_record=start)
+    # Value ranges over whole rows, padding included: the storage dtype then also holds each
+    # column's pad value, which readers need to re-pad batches.
+    ranges = {
+        name: (data.min().item(), data.max().item())
+        for name, data in chunk.items()
+        if data.dtype.kind in "iub" and data.size
+    }
+    pads = pad_values(chunk, job.spec, lengths, is_left)
+    return lengths.astype(np.int32), ranges, {k: (start, v) for k, v in pads.items()}
+
+
+def _scan(job: _Job, pool, show: bool) -> tuple[np.ndarray, dict, dict]:
+    n = job.source.num_records
+    step = job.chunk_rows * 4
+    parts = [(a, min(n, a + step)) for a in range(0, n, step)]
+    lengths, ranges, pads = [], {}, {}
+    with Progress(n, "scan", enabled=show) as bar:
+        for (a, b), (lens, rng, pad) in zip(parts, _run(pool, job, _scan_range, parts)):
+            lengths.append(lens)
+            for name, r in rng.items():
+                if r is None:
+                    continue
+                lo, hi = ranges.get(name, r)
+                ranges[name] = (min(lo, r[0]), max(hi, r[1]))
+            for name, v in pad.items():
+                pads.setdefault(name, []).append(v)
+            bar.update(b - a)
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    return all_lengths, ranges, pads
+
+
+def _encodings(source, spec, names, ranges, int_encoding) -> dict[str, ColumnEncoding]:
+    out = {}
+    for name in names:
+        col = source.columns[name]
+        shape = ((None, *col.shape[1:]) if name in spec.sequence_columns else col.shape)
+        lo, hi = ranges.get(name, (None, None))
+        out[name] = choose_encoding(name, col.dtype, shape, lo, hi, int_encoding=int_encoding)
+    return out
+
+
+def _check_pad_values(spec: PaddingSpec, pads: dict, source: Source) -> dict:
+    """Each sequence column's padded region must hold one constant; return it per column."""
+    out = {spec.reference: spec.pad_id} if spec.method == "pad_id" else {}
+    for name, parts in pads.items():
+        seen = [(start, v) for start, v in parts if v]
+        values = {v for _, v in seen}
+        if not values:
+            out[name] = spec.pad_id if name == spec.reference else None
+            continue
+        first = seen[0][1]
+        bad = next(((s, v) for s, v in seen if v[0] != v[1] or v != first), None)
+        if bad is not None:
+            raise PaddingError(
+                source.paths[0],
+                f"column {name!r} holds differing values ({bad[1][0]}..{bad[1][1]}) where the lengths say "
+                f"padding is, so it is not padded like {spec.reference or spec.mask_column or spec.lengths_column!r}",
+                record=bad[0],
+                hint=f"pass --sequence-columns without {name!r} to keep it fixed-length",
+            )
+        out[name] = first[0]
+    return out
+
+
+def _record_costs(lengths: np.ndarray, encodings: dict[str, ColumnEncoding], balance_by: str) -> np.ndarray:
+    if balance_by == "tokens":
+        return lengths.astype(np.float64)
+    fixed = _EXAMPLE_OVERHEAD
+    per_step = 0
+    for enc in encodings.values():
+        size = np.dtype(enc.storage_dtype).itemsize * enc.inner
+        if enc.variable:
+            per_step += size
+        else:
+            fixed += size
+    return lengths.astype(np.float64) * per_step + fixed
+
+
+def _column_stats(spec, encodings, lengths, pad_value) -> dict[str, dict]:
+    stats = {}
+    if spec.method == "none" or len(lengths) == 0:
+        return stats
+    q = np.percentile(lengths, [50, 90, 99]).tolist()
+    hist, edges = np.histogram(lengths, bins=min(16, max(1, spec.max_length)), range=(0, spec.max_length))
+    length_stats = {
+        "padded_length": spec.max_length, "min": int(lengths.min()), "max": int(lengths.max()),
+        "mean": float(lengths.mean()), "p50": q[0], "p90": q[1], "p99": q[2],
+        "num_tokens": int(lengths.sum(dtype=np.int64)),
+        "padding_efficiency_of_source": float(lengths.mean() / spec.max_length) if spec.max_length else 1.0,
+        "histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+    }
+    for name in spec.sequence_columns:
+        if name in encodings:
+            stats[name] = {"pad_value": pad_value.get(name), "lengths": length_stats}
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# write
+
+
+def _task_rows(task: ShardTask, bounds, order) -> tuple[int, int] | np.ndarray:
+    lo = bounds[task.split][0]
+    if order is None:
+        return (lo + task.start, lo + task.stop)
+    return order[lo + task.start : lo + task.stop]
+
+
+def _batches(job: _Job, rows) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(record ids, source columns) in chunks of the job's chunk size."""
+    if isinstance(rows, tuple):
+        start, stop = rows
+        for a in range(start, stop, job.chunk_rows):
+            b = min(stop, a + job.chunk_rows)
+            yield np.arange(a, b, dtype=np.int64), job.source.read(a, b)
+    else:
+        for a in range(0, len(rows), job.chunk_rows):
+            ids = rows[a : a + job.chunk_rows]
+            yield ids, job.source.take(ids)
+
+
+def to_batch(chunk, spec: PaddingSpec, encodings, lengths, is_left) -> dict[str, ColumnBatch]:
+    """Stripped, left-aligned columns in their storage dtypes."""
+    n = len(lengths)
+    batch = {}
+    for name, enc in encodings.items():
+        data = chunk[name]
+        storage = np.dtype(enc.storage_dtype)
+        if enc.variable:
+            data = left_align(data.reshape(n, spec.max_length, -1), lengths, is_left)
+            batch[name] = ColumnBatch(data.reshape(n, -1).astype(storage, copy=False), lengths * enc.inner)
+        else:
+            batch[name] = ColumnBatch(data.reshape(n, -1).astype(storage, copy=False), None)
+    return batch
+
+
+class _HashingWriter:
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _write_shard_task(args) -> ShardInfo:
+    task, rows, encodings = args
+    job = _JOB
+    final = os.path.join(job.output, task.filename)
+    tmp = os.path.join(job.output, f".{task.filename}.tmp")
+    index_tmp = os.path.join(job.output, f".{task.filename}.index.tmp")
+    try:
+        tokens, offset, index = 0, 0, []
+        with open(tmp, "wb") as raw:
+            hashed = _HashingWriter(raw)
+            out = shard_formats_stream(hashed, job)
+            for ids, chunk in _batches(job, rows):
+                lengths, is_left = record_lengths(chunk, job.spec, path=job.source.paths[0], first_record=int(ids[0]))
+                batch = to_batch(chunk, job.spec, encodings, lengths, is_left)
+                buf, offsets = shard_formats.encode_batch(job.fmt, batch, encodings, ids)
+                out.write(memoryview(buf))
+                index.append(np.stack([offsets[:-1] + offset, np.diff(offsets)], axis=1))
+                offset += len(buf)
+                tokens += int(lengths.sum())
+            out.write(shard_formats.trailer(job.fmt))
+            if out is not hashed:
+                out.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        rows_idx = np.concatenate(index) if index else np.zeros((0, 2), np.int64)
+        with open(index_tmp, "w") as f:
+            f.write(("%d %d\n" * len(rows_idx)) % tuple(rows_idx.ravel().tolist()))
+        os.replace(index_tmp, final + ".index")
+        os.replace(tmp, final)
+        info = ShardInfo(task.split, task.filename, task.filename + ".index", task.num_records,
+                         tokens, hashed.size, hashed.sha.hexdigest())
+        write_json_atomic(os.path.join(job.output, STATE_DIR, "done", task.filename + ".json"), info.to_json())
+        return info
+    except OSError as e:
+        for p in (tmp, index_tmp):
+            if os.path.exists(p):
+                os.remove(p)
+        hint = "free some space or choose another --output, then rerun to resume" if e.errno == errno.ENOSPC \
+            else "check the --output location, then rerun to resume"
+        raise OutputError(f"{final}: cannot write ({e.strerror or e}); {hint}") from None
+
+
+def shard_formats_stream(raw, job: _Job):
+    from dlpipe.formats.tfrecord import open_compressed_writer
+
+    return open_compressed_writer(raw, job.compression)
+
+
+# ---------------------------------------------------------------------------------------------
+# output directory
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _prepare_output(output: str, plan_hash: str, overwrite: bool) -> dict[str, ShardInfo] | None:
+    """Make ``output`` ready; return finished shards to reuse, or None if all is done already."""
+    import re
+
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise OutputError(f"{output}: exists and is not a directory; choose another --output")
+    manifest = os.path.join(output, MANIFEST)
+    state = os.path.join(output, STATE_DIR, "plan.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                same = json.load(f)["dlpipe"]["plan"]["hash"] == plan_hash
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same and not overwrite:
+            return None
+        if not overwrite:
+            raise OutputError(f"{output}: already holds a dataset made from other inputs or options; pass "
+                              "--overwrite to replace it, or choose another --output")
+        _clean(output)
+    elif os.path.isfile(state):
+        try:
+            with open(state) as f:
+                same = json.load(f)["hash"] == plan_hash
+        except (OSError, ValueError, KeyError):
+            same = False
+        if not same:
+            if not overwrite:
+                raise OutputError(f"{output}: holds an unfinished reshard with other inputs or options; pass "
+                                  "--overwrite to replace it, or choose another --output")
+            _clean(output)
+    elif os.path.isdir(output) and os.listdir(output):
+        if not overwrite:
+            raise OutputError(f"{output}: exists and is not empty; pass --overwrite to replace dlpipe shards "
+                              "there, or choose another --output")
+        _clean(output)
+        pattern = re.compile(_SHARD_FILE)
+        others = [f for f in os.listdir(output) if not pattern.match(f)]
+        if others:
+            raise OutputError(f"{output}: holds files dlpipe did not write ({', '.join(sorted(others)[:3])}...); "
+                              "choose an empty --output")
+    try:
+        os.makedirs(os.path.join(output, STATE_DIR, "done"), exist_ok=True)
+        _remove_temporaries(output)
+        if not os.path.isfile(state):
+            write_json_atomic(state, {"hash": plan_hash})
+    except OSError as e:
+        raise OutputError(f"{output}: cannot write there ({e.strerror or e}); choose another --output") from None
+    done = {}
+    done_dir = os.path.join(output, STATE_DIR, "done")
+    for name in os.listdir(done_dir):
+        try:
+            with open(os.path.join(done_dir, name)) as f:
+                info = ShardInfo(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        path = os.path.join(output, info.path)
+        if os.path.isfile(path) and os.path.getsize(path) == info.num_bytes and os.path.isfile(path + ".index"):
+            done[info.path] = info
+    return done
+
+
+def _clean(output: str) -> None:
+    import re
+
+    pattern = re.compile(_SHARD_FILE)
+    for name in os.listdir(output):
+        path = os.path.join(output, name)
+        if name == MANIFEST or pattern.match(name) or (name.startswith(".") and name.endswith(".tmp")):
+            os.remove(path)
+    shutil.rmtree(os.path.join(output, STATE_DIR), ignore_errors=True)
+
+
+def _remove_temporaries(output: str) -> None:
+    if not os.path.isdir(output):
+        return
+    for name in os.listdir(output):
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                os.remove(os.path.join(output, name))
+            except OSError:
+                pass
+
+
+def _summary(output, source, tasks, seconds, *, written, reused) -> ReshardSummary:
+    out_bytes = 0
+    for t in tasks:
+        p = os.path.join(output, t.filename)
+        out_bytes += os.path.getsize(p) if os.path.exists(p) else 0
+    return ReshardSummary(output, source.num_records, len(tasks), source.num_bytes, out_bytes, seconds,
+                          shards_written=written, shards_reused=reused)
+
+
+__all__ = ["ReshardSummary", "reshard", "DlpipeError"]

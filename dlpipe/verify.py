@@ -1,0 +1,157 @@
+"""``dlpipe verify``: re-read every shard and check it against the manifest.
+
+Checks, per shard: the file exists with the recorded size and SHA-256; every TFRecord frame's
+length and data CRC (or every tar header's checksum); the record count; the index file; that
+every record decodes to the manifest's columns; and the token count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dlpipe.errors import DlpipeError, FormatError, VerifyError
+from dlpipe.formats.tfrecord import payload_bounds, read_decompressed, scan_frames
+from dlpipe.manifest import DatasetInfo, ShardInfo, load_manifest
+
+
+@dataclass
+class VerifyReport:
+    root: str
+    shards: int = 0
+    records: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        state = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        return (f"{self.root}: {state}: {self.shards} shards, {self.records:,} records, "
+                f"{self.bytes:,} bytes checked in {self.seconds:.1f} s")
+
+
+def verify(path: str | os.PathLike[str], *, raise_on_error: bool = True) -> VerifyReport:
+    """Check every shard under ``path`` against its manifest; raise VerifyError on a mismatch
+    (or, with ``raise_on_error=False``, list the problems in the report)."""
+    t0 = time.perf_counter()
+    info = load_manifest(path)
+    report = VerifyReport(info.root)
+    for shard in info.shards:
+        try:
+            _verify_shard(info, shard)
+        except DlpipeError as e:
+            report.problems.append(str(e))
+        report.shards += 1
+        report.records += shard.num_records
+        report.bytes += shard.num_bytes
+    report.seconds = time.perf_counter() - t0
+    if report.problems and raise_on_error:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise VerifyError(report.problems[0] + more)
+    return report
+
+
+def _verify_shard(info: DatasetInfo, shard: ShardInfo) -> None:
+    path = os.path.join(info.root, shard.path)
+    if not os.path.isfile(path):
+        raise VerifyError(f"{path}: shard listed in the manifest is missing; rerun the reshard")
+    size = os.path.getsize(path)
+    if size != shard.num_bytes:
+        raise VerifyError(f"{path}: {size} bytes, manifest says {shard.num_bytes}; the shard is truncated or "
+                          "replaced, rerun the reshard")
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+    if sha.hexdigest() != shard.sha256:
+        raise VerifyError(f"{path}: SHA-256 differs from the manifest; the shard is corrupt, rerun the reshard")
+    buf = read_decompressed(path, info.compression)
+    if info.format == "tfrecord":
+        offsets = scan_frames(buf, path=path)
+        lengths = _tfrecord_tokens(info, buf, offsets, path)
+    else:
+        from dlpipe.formats.wds import read_samples
+
+        keys, columns = read_samples(np.asarray(buf), info.columns, path=path)
+        offsets = None
+        lengths = _wds_tokens(info, keys, columns)
+    count = len(lengths)
+    if count != shard.num_records:
+        raise VerifyError(f"{path}: {count} records, manifest says {shard.num_records}")
+    if int(lengths.sum()) != shard.num_tokens:
+        raise VerifyError(f"{path}: {int(lengths.sum())} tokens, manifest says {shard.num_tokens}")
+    _verify_index(os.path.join(info.root, shard.index), offsets, count)
+
+
+def _tfrecord_tokens(info: DatasetInfo, buf, offsets: np.ndarray, path: str) -> np.ndarray:
+    from dlpipe.formats.example_decode import decode_examples
+
+    starts, ends = payload_bounds(offsets)
+    feats = decode_examples(np.asarray(buf), starts, ends, path=path, frame_offsets=offsets[:-1])
+    n = len(starts)
+    missing = set(info.columns) - set(feats)
+    extra = set(feats) - set(info.columns)
+    if n and (missing or extra):
+        raise FormatError(path, f"records hold features {sorted(feats)}, manifest says {sorted(info.columns)}")
+    tokens = np.zeros(n, dtype=np.int64)
+    for name, enc in info.columns.items():
+        if not n:
+            break
+        f = feats[name]
+        if not f.present.all():
+            i = int(np.flatnonzero(~f.present)[0])
+            raise FormatError(path, f"record lacks feature {name!r}", offset=int(offsets[i]), record=i)
+        itemsize = np.dtype(enc.storage_dtype).itemsize
+        if f.kind == "bytes":
+            per_record = np.diff(f.value_splits)[f.row_splits[:-1]] if len(f.value_splits) > 1 else np.zeros(n, np.int64)
+            elems = per_record // itemsize
+            bad = np.flatnonzero(per_record % (itemsize * enc.inner) != 0)
+        else:
+            elems = np.diff(f.row_splits)
+            bad = np.flatnonzero(elems % enc.inner != 0)
+        if len(bad):
+            i = int(bad[0])
+            raise FormatError(path, f"feature {name!r} does not hold whole {enc.storage_dtype} values of its shape",
+                              offset=int(offsets[i]), record=i)
+        steps = elems // enc.inner
+        if not enc.variable:
+            wrong = np.flatnonzero(steps != 1)
+            if len(wrong):
+                i = int(wrong[0])
+                raise FormatError(path, f"fixed feature {name!r} has the wrong size", offset=int(offsets[i]), record=i)
+        elif not tokens.any():
+            tokens = steps
+    return tokens
+
+
+def _wds_tokens(info: DatasetInfo, keys: np.ndarray, columns: dict) -> np.ndarray:
+    tokens = np.zeros(len(keys), dtype=np.int64)
+    for name, enc in info.columns.items():
+        if enc.variable:
+            return np.diff(columns[name][1]) // enc.inner
+    return tokens
+
+
+def _verify_index(path: str, offsets: np.ndarray | None, count: int) -> None:
+    if not os.path.isfile(path):
+        raise VerifyError(f"{path}: index file is missing; rerun the reshard")
+    try:
+        table = np.loadtxt(path, dtype=np.int64, ndmin=2) if os.path.getsize(path) else np.zeros((0, 2), np.int64)
+    except ValueError:
+        raise VerifyError(f"{path}: index file is not 'offset size' lines; rerun the reshard") from None
+    if len(table) != count:
+        raise VerifyError(f"{path}: index lists {len(table)} records, shard holds {count}")
+    if offsets is not None and count:
+        want = np.stack([offsets[:-1], np.diff(offsets)], axis=1)
+        if not np.array_equal(table, want):
+            i = int(np.flatnonzero((table != want).any(axis=1))[0])
+            raise VerifyError(f"{path}: index line {i + 1} says {table[i].tolist()}, the shard has "
+                              f"{want[i].tolist()}; rerun the reshard")
