@@ -6,6 +6,7 @@ WebDataset shards with a manifest and index files; ``dlpipe.verify`` checks them
 TensorFlow nor PyTorch: framework code loads lazily, behind pip extras.
 """
 
+from dlpipe.engine import ReshardSummary, reshard
 from dlpipe.errors import (
     ConfigError,
     DlpipeError,
@@ -15,7 +16,6 @@ from dlpipe.errors import (
     PaddingError,
     VerifyError,
 )
-from dlpipe.reshard import ReshardSummary, reshard
 
 __version__ = "0.1.0"
 

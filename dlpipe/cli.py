@@ -113,6 +113,8 @@ def _padding_options(f):
 @_padding_options
 @click.option("--sequence-columns", metavar="A,B", help="Columns padded along their first axis (default: the "
               "integer columns as wide as the widest, or as the mask).")
+@click.option("--columns", metavar="A,B", help="Write only these columns (Arrow/Parquet: read only these, "
+              "e.g. to leave out text columns).")
 @click.option("--no-strip", is_flag=True, help="Keep every column fixed-length (no padding to remove).")
 @click.option("--keep-mask", is_flag=True, help="Also store the mask/lengths column (derivable, so dropped by "
               "default).")
@@ -124,7 +126,7 @@ def _padding_options(f):
 @_friendly_errors
 def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shards_multiple_of, balance_by,
             workers, shuffle, seed, splits, pad_id, lengths_column, mask_column, padding_side, layout,
-            header_bytes, sequence_columns, no_strip, keep_mask, int_encoding, overwrite, progress):
+            header_bytes, sequence_columns, columns, no_strip, keep_mask, int_encoding, overwrite, progress):
     """Reshard padded fixed-length SOURCE data into variable-length shards.
 
     Strips the padding of sequence columns, plans shards balanced by bytes or tokens, writes
@@ -136,7 +138,7 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
     Example:
       dlpipe reshard input_ids=ids.npy labels=labels.npy -o shards/ --pad-id 0 --num-shards 16
     """
-    from dlpipe.reshard import reshard as run
+    from dlpipe.engine import reshard as run
 
     seq = [] if no_strip else (sequence_columns.split(",") if sequence_columns else None)
     summary = run(
@@ -145,7 +147,8 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
         balance_by=balance_by, workers=workers, shuffle=shuffle, seed=seed, splits=splits, pad_id=pad_id,
         lengths_column=lengths_column, mask_column=mask_column, padding_side=padding_side,
         sequence_columns=seq, keep_mask=keep_mask, int_encoding=int_encoding, layout=layout,
-        header_bytes=header_bytes, overwrite=overwrite, progress=progress,
+        header_bytes=header_bytes, columns=columns.split(",") if columns else None, overwrite=overwrite,
+        progress=progress,
     )
     click.echo(str(summary))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dlpipe.errors import ConfigError, PaddingError
+from dlpipe.formats.packing import steps
 from dlpipe.sources.base import Column
 
 SIDES = ("auto", "right", "left")
@@ -74,7 +75,8 @@ def resolve_padding(
     else:
         int_widths = [c.shape[0] for c in one_d.values() if c.dtype.kind in "iu"]
         width = max(int_widths, default=0)
-        seq = tuple(n for n, c in one_d.items() if c.shape[0] == width and width > 1)
+        told = pad_id is not None or lengths_column is not None
+        seq = tuple(n for n, c in one_d.items() if c.shape[0] == width and (width > 1 or told) and width)
 
     dropped = () if keep_mask else helpers
     if not seq:
@@ -156,14 +158,14 @@ def record_lengths(
             )
         is_left = left & ~right if spec.side == "auto" else np.full(n, spec.side == "left")
         if spec.pad_id is not None:
-            _check_pad_region(chunk[spec.reference].reshape(n, width, -1), lengths, is_left,
+            _check_pad_region(steps(chunk[spec.reference], width), lengths, is_left,
                               spec.pad_id, spec.reference, path, first_record, against=spec.mask_column)
         return lengths, is_left
-    ref = chunk[spec.reference].reshape(n, width, -1)
+    ref = steps(chunk[spec.reference], width)
     real = ref[:, :, 0] != spec.pad_id if ref.shape[2] == 1 else (ref != spec.pad_id).any(axis=2)
     if spec.side == "right":  # one past the last real position: max of (position + 1) where real
-        steps = np.arange(1, width + 1, dtype=np.min_scalar_type(width))
-        lengths = (real * steps).max(axis=1) if width else np.zeros(n, np.int64)
+        position = np.arange(1, width + 1, dtype=np.min_scalar_type(width))
+        lengths = (real * position).max(axis=1) if width else np.zeros(n, np.int64)
     else:
         lengths = np.where(real.any(axis=1), width - np.argmax(real, axis=1), 0)
     return lengths.astype(np.int64), np.full(n, spec.side == "left")
@@ -196,7 +198,7 @@ def pad_values(chunk: Mapping[str, np.ndarray], spec: PaddingSpec, lengths, is_l
         return out
     region = padding_region(lengths, is_left, spec.max_length)
     for name in names:
-        data = chunk[name].reshape(len(lengths), spec.max_length, -1)
+        data = steps(chunk[name], spec.max_length)
         vals = data[region]
         out[name] = (vals.min().item(), vals.max().item()) if vals.size else ()
     return out

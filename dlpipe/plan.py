@@ -102,6 +102,11 @@ def balance(costs: np.ndarray, num_shards: int) -> np.ndarray:
     take_prev = np.abs(prev - targets) <= np.abs(cum[np.minimum(idx, n - 1)] - targets)
     cuts = np.where(take_prev, idx, idx + 1)
     cuts = np.clip(np.maximum.accumulate(cuts), 0, n)
+    if n >= num_shards:  # no shard may be empty while others hold several records
+        # cut i - i must be non-decreasing, within [0, n - num_shards]: cuts rise by >= 1
+        i = np.arange(1, num_shards)
+        slack = np.clip(np.maximum.accumulate(cuts - i), 0, n - num_shards)
+        cuts = slack + i
     return np.concatenate([[0], cuts, [n]]).astype(np.int64)
 
 

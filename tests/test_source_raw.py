@@ -17,7 +17,9 @@ from dlpipe.sources.raw import RawSource, parse_layout
 DTYPES = ["<i4", ">i4", "uint16", "int8", "<f8", ">f4", "float16", "bool", "int64", ">u8"]
 
 
-def _write(path: Path, record: np.dtype, fields: dict[str, np.ndarray], header: bytes = b"") -> None:
+def _write(
+    path: Path, record: np.dtype, fields: dict[str, np.ndarray], header: bytes = b""
+) -> None:
     n = len(next(iter(fields.values())))
     rec = np.zeros(n, dtype=record)
     for name, values in fields.items():

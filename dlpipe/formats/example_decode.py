@@ -89,9 +89,10 @@ def decode_examples(
         raise ConfigError(f"record spans must satisfy 0 <= start <= end <= len(buf) = {len(buf)}")
     where = starts if frame_offsets is None else np.asarray(frame_offsets, dtype=np.int64)[:n]
     w = _Where(path, where)
-    plan = _plan(buf[starts[0] : ends[0]].tobytes()) if n else None
+    first = buf[starts[0] : ends[0]].tobytes() if n else b""
+    plan = _plan(first)
     if plan is not None:
-        spans = _follow_plan(buf, starts, ends, plan)
+        spans = _same_bytes(buf, starts, ends, first, plan) or _follow_plan(buf, starts, ends, plan)
         if spans is not None:
             full = np.ones(n, dtype=bool)
             return {name: _decode_rows(buf, s, t, rec, kind, full, w, name)
@@ -318,40 +319,41 @@ def _decode_varints(b, offs, rrec, w, name) -> tuple[np.ndarray, np.ndarray]:
     cut = (sizes > 0) & (b[last] >= 0x80)
     if cut.any():
         w.fail(rrec[cut], f"feature {name!r}: truncated varint in a packed int64 list")
-    term = (b < 0x80).view(np.uint8)
-    nz = np.flatnonzero(sizes)
-    counts = np.zeros(len(sizes), dtype=np.int64)
-    counts[nz] = np.add.reduceat(term, offs[nz], dtype=np.int64)  # pieces are contiguous in b
     # Decode in cache-sized chunks cut after a terminator byte, so no varint straddles two.
-    out, lo = [], 0
+    # rank[j]: how many varints end before offs[j]; its differences are the counts per piece.
+    out, rank = [], np.empty(len(offs), dtype=np.int64)
+    lo = j = done = 0
     while lo < len(b):
         hi = min(lo + _CHUNK, len(b))
         if hi < len(b):
-            hi += int(np.argmax(term[hi - 1 : hi + 10]))
-        out.append(_varint_chunk(b[lo:hi], lo, offs, rrec, w, name))
-        lo = hi
-    return np.concatenate(out).view(np.int64), counts
+            hi += int(np.argmax(b[hi - 1 : hi + 10] < 0x80))
+        c = b[lo:hi]
+        ends = np.flatnonzero(c < 0x80)
+        k = int(np.searchsorted(offs, hi))
+        rank[j:k] = done + np.searchsorted(ends, offs[j:k] - lo)
+        out.append(_varint_chunk(c, ends, lo, offs, rrec, w, name))
+        lo, j, done = hi, k, done + len(ends)
+    rank[j:] = done
+    return np.concatenate(out).view(np.int64), np.diff(rank)
 
 
-_CHUNK = 1 << 18
+_CHUNK = 1 << 17
 
 
-def _varint_chunk(c, base, offs, rrec, w, name) -> np.ndarray:
-    ends = np.flatnonzero(c < 0x80)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    size = ends - starts + 1
-    longest = int(size.max())
-    if longest > 10:
-        piece = np.searchsorted(offs, base + starts[size > 10], side="right") - 1
-        w.fail(rrec[piece], f"feature {name!r}: varint longer than 10 bytes")
-    val = (c[starts] & 0x7F).astype(np.uint64)
-    for k in range(1, longest):
-        more = size > k
-        byte = c[np.where(more, starts + k, ends)] & 0x7F
-        val |= np.where(more, byte, 0).astype(np.uint64) << np.uint64(7 * k)
-    return val
+def _varint_chunk(c, ends, base, offs, rrec, w, name) -> np.ndarray:
+    """Varints of a chunk that starts and ends on a varint boundary (``ends``: terminator bytes)."""
+    padded = np.concatenate([np.zeros(10, np.uint8), c])  # a terminator before every chunk
+    val = (c[ends] & 0x7F).astype(np.uint64)
+    more = np.ones(len(ends), dtype=bool)
+    # Walk back from each terminator (the most significant group), Horner style.
+    for k in range(1, 11):
+        byte = padded[10 - k :][ends]
+        more &= byte >= 0x80
+        if not more.any():
+            return val
+        val = np.where(more, (val << np.uint64(7)) | (byte & 0x7F).astype(np.uint64), val)
+    piece = np.searchsorted(offs, base + ends[more], side="right") - 1
+    w.fail(rrec[piece], f"feature {name!r}: varint longer than 10 bytes")
 
 
 def _key_ids(buf, ks, kt) -> tuple[np.ndarray, list[str]]:
@@ -409,7 +411,8 @@ def _plan(rec: bytes) -> list[tuple[str, int, list]] | None:
     """[(name, kind, steps)] for a canonical record, else None.
 
     Steps: ("fix", bytes) must match; ("len", None) reads a length varint and opens a message;
-    ("end", None) closes it; ("val", None) reads a length varint and takes that many value bytes.
+    ("end", None) closes it; ("val", (a, b)) reads a length varint and takes that many value bytes
+    (``rec[a:b]`` in this record).
     """
 
     def field(p, tag):  # (start, stop) of a length-delimited field with this tag at p, or None
@@ -441,13 +444,32 @@ def _plan(rec: bytes) -> list[tuple[str, int, list]] | None:
             val = field(u, 0x0A)
             if not val or val[1] > lst[1] or (kind != 1 and val[1] != lst[1]):
                 return None
-            steps += [("fix", b"\x0a"), ("val", None)]
+            steps += [("fix", b"\x0a"), ("val", val)]
             u = val[1]
         name = bytes(rec[key[0] : key[1]]).decode("utf-8", "backslashreplace")
         out.append((name, kind, steps + [("end", None)] * 3))
         pos = entry[1]
     names = [name for name, _, _ in out]
     return out if len(set(names)) == len(names) else None
+
+
+def _same_bytes(buf, starts, ends, first, plan):
+    """Spans as for _follow_plan when every record has the first one's length and all its bytes
+    outside the values (tags, lengths, keys); then every value sits at the same offset."""
+    if np.any(ends - starts != len(first)):
+        return None
+    vals = [[arg for op, arg in steps if op == "val"] for _, _, steps in plan]
+    edges = [0, *(x for v in vals for ab in v for x in ab), len(first)]
+    for a, b in zip(edges[::2], edges[1::2]):
+        head = np.frombuffer(first[a:b], np.uint8)
+        if b > a and not np.all(sliding_window_view(buf, b - a)[starts + a] == head):
+            return None
+    rec = np.arange(len(starts), dtype=np.int64)
+    out = []
+    for v in vals:
+        a, b = np.array(v, dtype=np.int64).reshape(-1, 2).T
+        out.append(((starts[:, None] + a).ravel(), (starts[:, None] + b).ravel(), np.repeat(rec, len(v))))
+    return out
 
 
 def _follow_plan(buf, starts, ends, plan):
@@ -466,7 +488,7 @@ def _follow_plan(buf, starts, ends, plan):
             if op == "fix":
                 if np.any(pos + len(arg) > ends):
                     return None
-                got = buf[pos] if len(arg) == 1 else buf[pos[:, None] + np.arange(len(arg))]
+                got = buf[pos] if len(arg) == 1 else sliding_window_view(buf, len(arg))[pos]
                 if not np.all(got == np.frombuffer(arg, np.uint8)):
                     return None
                 pos += len(arg)

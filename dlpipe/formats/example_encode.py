@@ -19,7 +19,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlpipe.formats.packing import Piece, constant, optional, pack, prefix, varint, varint_bytes, varint_size
+from dlpipe.formats.packing import (
+    Piece,
+    constant,
+    flat_rows,
+    optional,
+    pack,
+    prefix,
+    varint,
+    varint_bytes,
+    varint_size,
+)
 
 _KIND_TAG = {"bytes": 0x0A, "float": 0x12, "int64": 0x1A}
 
@@ -40,9 +50,9 @@ def raw_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None, ki
     ``kind="float"`` gives a packed float_list (data must be float32).
     """
     n = data.shape[0]
-    data = np.ascontiguousarray(data.reshape(n, -1), dtype=data.dtype.newbyteorder("<"))
+    data = np.ascontiguousarray(flat_rows(data), dtype=data.dtype.newbyteorder("<"))
     itemsize = data.dtype.itemsize
-    block = data.view(np.uint8).reshape(n, -1)
+    block = flat_rows(data.view(np.uint8)) if data.shape[1] else np.zeros((n, 0), np.uint8)
     if elem_lengths is None:
         return FeaturePayload(name, kind, Piece(block, None), np.full(n, block.shape[1], np.int64))
     nbytes = elem_lengths.astype(np.int64) * itemsize
@@ -52,7 +62,7 @@ def raw_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None, ki
 def int64_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None) -> FeaturePayload:
     """Packed varints of integer ``data`` (n, width) rows: an ``int64_list`` TF reads natively."""
     n = data.shape[0]
-    data = data.reshape(n, -1)
+    data = flat_rows(data)
     if data.dtype == np.uint64 and data.size and int(data.max()) >= 2**63:
         raise ValueError(f"column {name!r} has uint64 values >= 2**63 that int64_list cannot hold")
     groups, size = varint_bytes(data.astype(np.int64))

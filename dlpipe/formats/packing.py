@@ -27,6 +27,17 @@ class Piece:
         return self.mask.sum(axis=1, dtype=np.int64)
 
 
+def flat_rows(a: np.ndarray) -> np.ndarray:
+    """``a`` as (n, everything else); unlike ``reshape(n, -1)`` it works when n or the row is 0."""
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
+
+
+def steps(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` as (n, width, elements per step), for columns padded along their first axis."""
+    inner = int(np.prod(a.shape[1:], dtype=np.int64)) // width if width else 1
+    return a.reshape(a.shape[0], width, inner)
+
+
 def constant(data: bytes, n: int) -> Piece:
     """The same bytes in every record."""
     row = np.frombuffer(data, dtype=np.uint8)

@@ -59,8 +59,13 @@ def open_source(
     layout: str | None = None,
     header_bytes: int = 0,
     compression: str | None = None,
+    columns: Sequence[str] | None = None,
 ) -> Source:
-    """Open the inputs named by ``specs`` (see the module docstring) as one Source."""
+    """Open the inputs named by ``specs`` (see the module docstring) as one Source.
+
+    ``columns`` limits Arrow/Parquet input to those columns (text columns cannot be resharded);
+    other sources read every column and the engine keeps the selected ones.
+    """
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     specs = [os.fspath(s) for s in specs]
@@ -110,7 +115,7 @@ def open_source(
     if kind == "arrow":
         from dlpipe.sources.arrow import ArrowSource
 
-        return ArrowSource(paths)
+        return ArrowSource(paths, columns=list(columns) if columns else None)
     from dlpipe.sources.hdf5 import HDF5Source
 
     return HDF5Source(paths)

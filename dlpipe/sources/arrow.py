@@ -59,8 +59,11 @@ def _resolve(path: str) -> list[tuple[str, str]]:
         files = [os.path.join(path, n) for n in entries if n.endswith(".parquet")]
         files = files or [os.path.join(path, n) for n in entries if n.endswith(".arrow")]
     if not files:
-        raise FormatError(path, "directory holds no .parquet or .arrow files",
-                          hint="pass a HF save_to_disk directory, .parquet or .arrow files")
+        raise FormatError(
+            path,
+            "directory holds no .parquet or .arrow files",
+            hint="pass a HF save_to_disk directory, .parquet or .arrow files",
+        )
     return [(f, _sniff(f)) for f in files]
 
 
@@ -90,15 +93,21 @@ def _first_row_dims(arr, dims: list[int | None]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _to_numpy(arr, shape: tuple[int, ...], dtype: np.dtype, path: str, name: str, row0: int) -> np.ndarray:
+def _to_numpy(
+    arr, shape: tuple[int, ...], dtype: np.dtype, path: str, name: str, row0: int
+) -> np.ndarray:
     """A column chunk as ``(n, *shape)``; zero-copy for primitive values without nulls."""
     pa = _pa()
     n, cur, per = len(arr), arr, 1
     for depth in range(len(shape) + 1):
         if cur.null_count:
             bad = int(np.flatnonzero(~cur.is_valid().to_numpy(zero_copy_only=False))[0]) // per
-            raise FormatError(path, f"column {name!r} row {row0 + bad} holds a null", record=row0 + bad,
-                              hint="fill nulls, or drop the column (ArrowSource(..., columns=[...]))")
+            raise FormatError(
+                path,
+                f"column {name!r} row {row0 + bad} holds a null",
+                record=row0 + bad,
+                hint="fill nulls, or drop the column (ArrowSource(..., columns=[...]))",
+            )
         if depth == len(shape):
             break
         d = shape[depth]
@@ -112,7 +121,8 @@ def _to_numpy(arr, shape: tuple[int, ...], dtype: np.dtype, path: str, name: str
                     path,
                     f"column {name!r} row {row} has a {what} of length {int(lengths[bad_el[0]])}, "
                     f"but the first row's is {d}: the column is ragged",
-                    record=row, hint=_RAGGED_HINT,
+                    record=row,
+                    hint=_RAGGED_HINT,
                 )
         cur = cur.flatten()
         per *= d
@@ -144,13 +154,19 @@ class _IpcReader:
                     except EOFError:
                         break
                     if msg.type != "record batch":
-                        raise FormatError(path, f"Arrow stream holds a {msg.type} message",
-                                          hint="dictionary-encoded columns are not supported; cast them")
+                        raise FormatError(
+                            path,
+                            f"Arrow stream holds a {msg.type} message",
+                            hint="dictionary-encoded columns are not supported; cast them",
+                        )
                     self._pos.append(pos)
                     rows.append(pa.ipc.read_record_batch(msg, self.schema).num_rows)
         except (pa.ArrowInvalid, OSError) as e:
-            raise FormatError(path, f"not a readable Arrow IPC file: {e}",
-                              hint="pass .arrow files from save_to_disk or pyarrow.ipc") from None
+            raise FormatError(
+                path,
+                f"not a readable Arrow IPC file: {e}",
+                hint="pass .arrow files from save_to_disk or pyarrow.ipc",
+            ) from None
         self.starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
 
     def __getstate__(self) -> dict:
@@ -190,8 +206,11 @@ class _ParquetReader:
             meta = self._open().metadata
             self.schema = self._open().schema_arrow
         except (pa.ArrowInvalid, OSError) as e:
-            raise FormatError(path, f"not a readable Parquet file: {e}",
-                              hint="pass files written by pyarrow.parquet or Dataset.to_parquet") from None
+            raise FormatError(
+                path,
+                f"not a readable Parquet file: {e}",
+                hint="pass files written by pyarrow.parquet or Dataset.to_parquet",
+            ) from None
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
 
@@ -209,7 +228,9 @@ class _ParquetReader:
         else:  # start at the row group holding ``lo`` and skip forward
             g = int(np.searchsorted(self.starts, lo, side="right")) - 1
             groups = list(range(g, len(self.starts) - 1))
-            it = self._open().iter_batches(batch_size=self.batch_rows, row_groups=groups, columns=names)
+            it = self._open().iter_batches(
+                batch_size=self.batch_rows, row_groups=groups, columns=names
+            )
             pos, pending = int(self.starts[g]), None
         out = []
         while pos < hi:
@@ -234,25 +255,33 @@ class ArrowSource(Source):
 
     kind = "arrow"
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], *, columns: list[str] | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[str | os.PathLike[str]], *, columns: list[str] | None = None
+    ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         super().__init__(paths)
         if not self.paths:
             raise ConfigError("ArrowSource needs at least one path")
         files = [f for p in self.paths for f in _resolve(p)]
-        self._readers = [_ParquetReader(p) if fmt == "parquet" else _IpcReader(p, fmt) for p, fmt in files]
+        self._readers = [
+            _ParquetReader(p) if fmt == "parquet" else _IpcReader(p, fmt) for p, fmt in files
+        ]
         first = self._readers[0]
         names = list(first.schema.names) if columns is None else list(columns)
         missing = [c for c in names if c not in first.schema.names]
         if missing:
-            raise ConfigError(f"columns={columns!r}: {first.path} has no column {missing[0]!r}; "
-                              f"it has {', '.join(first.schema.names)}")
+            raise ConfigError(
+                f"columns={columns!r}: {first.path} has no column {missing[0]!r}; "
+                f"it has {', '.join(first.schema.names)}"
+            )
         if not names:
             raise ConfigError(f"columns={columns!r} selects no column")
         self._names = names
         dims, leaf = self._check_schemas(names)
-        self._starts = np.concatenate([[0], np.cumsum([r.starts[-1] for r in self._readers], dtype=np.int64)])
+        self._starts = np.concatenate(
+            [[0], np.cumsum([r.starts[-1] for r in self._readers], dtype=np.int64)]
+        )
         self._columns = self._resolve_shapes(names, dims, leaf)
         row_bytes = sum(c.width * c.dtype.itemsize for c in self._columns.values())
         for r in self._readers:
@@ -268,26 +297,37 @@ class ArrowSource(Source):
         for r in self._readers:
             for name in names:
                 if name not in r.schema.names:
-                    raise FormatError(r.path, f"has no column {name!r}, which {self._readers[0].path} has",
-                                      hint="every file must have the same columns")
+                    raise FormatError(
+                        r.path,
+                        f"has no column {name!r}, which {self._readers[0].path} has",
+                        hint="every file must have the same columns",
+                    )
                 t = r.schema.field(name).type
                 spec = _type_dims(t)
                 if spec is None:
                     raise FormatError(
-                        r.path, f"column {name!r} has type {t}, not numbers or lists of numbers",
+                        r.path,
+                        f"column {name!r} has type {t}, not numbers or lists of numbers",
                         hint=f"drop it: pass columns={usable!r}" if usable else _RAGGED_HINT,
                     )
                 d, dt = spec[0], np.dtype(spec[1].to_pandas_dtype())
                 if name not in dims:
                     dims[name], leaf[name] = list(d), dt
                 elif len(d) != len(dims[name]) or dt != leaf[name]:
-                    raise FormatError(r.path, f"column {name!r} has type {t}, unlike the first file",
-                                      hint="every file must have the same column types")
+                    raise FormatError(
+                        r.path,
+                        f"column {name!r} has type {t}, unlike the first file",
+                        hint="every file must have the same column types",
+                    )
                 else:
                     for k, size in enumerate(d):
                         if size is not None and dims[name][k] not in (None, size):
-                            raise FormatError(r.path, f"column {name!r} has fixed size {size} at depth "
-                                              f"{k}, the first file {dims[name][k]}", hint=_RAGGED_HINT)
+                            raise FormatError(
+                                r.path,
+                                f"column {name!r} has fixed size {size} at depth "
+                                f"{k}, the first file {dims[name][k]}",
+                                hint=_RAGGED_HINT,
+                            )
                         dims[name][k] = dims[name][k] if size is None else size
         return dims, leaf
 
@@ -298,7 +338,6 @@ class ArrowSource(Source):
         for name in names:
             if sample is not None and None in dims[name]:
                 shape = _first_row_dims(sample.column(name), dims[name])
-                shape = tuple(d if d is not None else s for d, s in zip(dims[name], shape))
             else:  # no rows to measure: an unknown length is 0
                 shape = tuple(d or 0 for d in dims[name])
             cols[name] = Column(name, leaf[name], shape)
@@ -328,10 +367,18 @@ class ArrowSource(Source):
             row0 = max(start, f_lo)
             for batch in r.batches(row0 - f_lo, min(stop, f_hi) - f_lo, self._names):
                 for name, c in self._columns.items():
-                    pieces[name].append(_to_numpy(batch.column(name), c.shape, c.dtype, r.path, name, row0))
+                    pieces[name].append(
+                        _to_numpy(batch.column(name), c.shape, c.dtype, r.path, name, row0)
+                    )
                 row0 += batch.num_rows
         out = {}
         for name, c in self._columns.items():
             p = pieces[name]
-            out[name] = p[0] if len(p) == 1 else np.concatenate(p) if p else np.empty((0, *c.shape), c.dtype)
+            out[name] = (
+                p[0]
+                if len(p) == 1
+                else np.concatenate(p)
+                if p
+                else np.empty((0, *c.shape), c.dtype)
+            )
         return out

@@ -31,8 +31,11 @@ def split_hdf5_spec(spec: str) -> tuple[str, list[str] | None]:
             if not all(names):
                 raise ConfigError(f"{spec!r}: empty dataset name; write file.h5:name1,name2")
             return spec[:i], names
-    raise FormatError(spec.split(":", 1)[0] if ":" in spec else spec, "no such file",
-                      hint="pass file.h5 or file.h5:name1,name2")
+    raise FormatError(
+        spec.split(":", 1)[0] if ":" in spec else spec,
+        "no such file",
+        hint="pass file.h5 or file.h5:name1,name2",
+    )
 
 
 def column_name(dataset: str) -> str:
@@ -55,15 +58,21 @@ def _select(path: str, f, names: list[str] | None, h5py) -> dict[str, str]:
     if names is None:
         sets = [d for d in _list_datasets(f, h5py) if d.ndim >= 1 and d.dtype.kind in _NUMERIC]
         if not sets:
-            raise FormatError(path, "holds no numeric dataset with a record axis",
-                              hint="name datasets as file.h5:name1,name2")
+            raise FormatError(
+                path,
+                "holds no numeric dataset with a record axis",
+                hint="name datasets as file.h5:name1,name2",
+            )
         rows = Counter(d.shape[0] for d in sets)
         if len(rows) > 1:
             common = rows.most_common(1)[0][0]
             listing = ", ".join(f"{d.name} {d.shape}" for d in sets)
             pick = ",".join(d.name.lstrip("/") for d in sets if d.shape[0] == common)
-            raise FormatError(path, f"datasets disagree in their first (record) dimension: {listing}",
-                              hint=f"select datasets with one record count, e.g. {path}:{pick}")
+            raise FormatError(
+                path,
+                f"datasets disagree in their first (record) dimension: {listing}",
+                hint=f"select datasets with one record count, e.g. {path}:{pick}",
+            )
     else:
         sets = []
         for name in names:
@@ -71,22 +80,34 @@ def _select(path: str, f, names: list[str] | None, h5py) -> dict[str, str]:
             if not isinstance(obj, h5py.Dataset):
                 have = ", ".join(d.name.lstrip("/") for d in _list_datasets(f, h5py)) or "none"
                 what = "no dataset" if obj is None else "a group, not a dataset,"
-                raise FormatError(path, f"has {what} named {name!r}; datasets: {have}",
-                                  hint="name datasets as file.h5:name1,name2")
+                raise FormatError(
+                    path,
+                    f"has {what} named {name!r}; datasets: {have}",
+                    hint="name datasets as file.h5:name1,name2",
+                )
             if obj.ndim == 0 or obj.dtype.kind not in _NUMERIC:
-                raise FormatError(path, f"dataset {name!r} ({obj.dtype}, shape {obj.shape}) is not a "
-                                  "numeric array with a record axis", hint="select numeric datasets")
+                raise FormatError(
+                    path,
+                    f"dataset {name!r} ({obj.dtype}, shape {obj.shape}) is not a "
+                    "numeric array with a record axis",
+                    hint="select numeric datasets",
+                )
             sets.append(obj)
         rows = Counter(d.shape[0] for d in sets)
         if len(rows) > 1:
             listing = ", ".join(f"{d.name} {d.shape}" for d in sets)
-            raise FormatError(path, f"datasets disagree in their first (record) dimension: {listing}",
-                              hint="every dataset needs one row per record")
+            raise FormatError(
+                path,
+                f"datasets disagree in their first (record) dimension: {listing}",
+                hint="every dataset needs one row per record",
+            )
     out: dict[str, str] = {}
     for d in sets:
         col = column_name(d.name)
         if col in out:
-            raise ConfigError(f"{path}: datasets {out[col]!r} and {d.name!r} both become column {col!r}")
+            raise ConfigError(
+                f"{path}: datasets {out[col]!r} and {d.name!r} both become column {col!r}"
+            )
         out[col] = d.name
     return out
 
@@ -113,7 +134,9 @@ class HDF5Source(Source):
             try:
                 f = h5py.File(path, "r")
             except OSError as e:
-                raise FormatError(path, f"not a readable HDF5 file: {e}", hint="pass an .h5 file") from None
+                raise FormatError(
+                    path, f"not a readable HDF5 file: {e}", hint="pass an .h5 file"
+                ) from None
             with f:
                 sel = _select(path, f, names, h5py)
                 here = {c: Column(c, _native(f[d].dtype), f[d].shape[1:]) for c, d in sel.items()}
@@ -121,8 +144,11 @@ class HDF5Source(Source):
             if cols is None:
                 cols = here
             elif here != cols:
-                raise FormatError(path, f"columns {_show(here)} differ from {self.paths[0]}'s {_show(cols)}",
-                                  hint="every file must hold the same datasets, dtypes and shapes")
+                raise FormatError(
+                    path,
+                    f"columns {_show(here)} differ from {self.paths[0]}'s {_show(cols)}",
+                    hint="every file must hold the same datasets, dtypes and shapes",
+                )
             self._datasets.append(sel)
         self._columns = cols or {}
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -147,7 +173,9 @@ class HDF5Source(Source):
         n = self.num_records
         if not 0 <= start <= stop <= n:
             raise IndexError(f"rows [{start}, {stop}) are out of range for {n} records")
-        out = {name: np.empty((stop - start, *c.shape), c.dtype) for name, c in self._columns.items()}
+        out = {
+            name: np.empty((stop - start, *c.shape), c.dtype) for name, c in self._columns.items()
+        }
         for i, sel in enumerate(self._datasets):
             f_lo, f_hi = int(self._starts[i]), int(self._starts[i + 1])
             lo, hi = max(start, f_lo), min(stop, f_hi)
@@ -156,7 +184,9 @@ class HDF5Source(Source):
             f = self._file(i)
             for name, dataset in sel.items():
                 # read_direct decodes (and byte-swaps) straight into the output rows
-                f[dataset].read_direct(out[name], np.s_[lo - f_lo : hi - f_lo], np.s_[lo - start : hi - start])
+                f[dataset].read_direct(
+                    out[name], np.s_[lo - f_lo : hi - f_lo], np.s_[lo - start : hi - start]
+                )
         return out
 
     def describe(self) -> str:

@@ -17,7 +17,9 @@ from dlpipe.sources.base import Column, Source
 
 __all__ = ["RawSource", "parse_layout"]
 
-_EXAMPLE = "'input_ids:int32[128],labels:float32[2],id:int64' (or one field: 'int32[128]', 'uint16')"
+_EXAMPLE = (
+    "'input_ids:int32[128],labels:float32[2],id:int64' (or one field: 'int32[128]', 'uint16')"
+)
 _DEFAULT_NAME = "input_ids"
 _FIELD = re.compile(
     r"^\s*(?:(?P<name>[^:\[\]\s]+)\s*:)?\s*(?P<dtype>[^:\[\]\s]+)\s*(?:\[(?P<shape>[^\[\]]*)\])?\s*$"
@@ -43,14 +45,18 @@ def _split_fields(layout: str) -> list[str]:
 
 
 def _bad(layout: str, token: str, why: str) -> ConfigError:
-    return ConfigError(f"--layout {layout!r}: bad field {token.strip()!r}: {why}; valid example: {_EXAMPLE}")
+    return ConfigError(
+        f"--layout {layout!r}: bad field {token.strip()!r}: {why}; valid example: {_EXAMPLE}"
+    )
 
 
 def _parse_dtype(layout: str, token: str, text: str) -> np.dtype:
     try:
         dtype = np.dtype(text)
     except TypeError:
-        raise _bad(layout, token, f"{text!r} is not a numpy dtype (use int32, <i4, >f8, uint16, ...)") from None
+        raise _bad(
+            layout, token, f"{text!r} is not a numpy dtype (use int32, <i4, >f8, uint16, ...)"
+        ) from None
     if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
         raise _bad(layout, token, f"dtype {text!r} is not a plain numeric type")
     if text[0] not in "<>=|" and dtype.itemsize > 1:
@@ -94,7 +100,9 @@ def parse_layout(layout: str) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
             raise _bad(layout, token, f"field name {name!r} must start with a letter or _")
         if any(name == f[0] for f in fields):
             raise _bad(layout, token, f"field name {name!r} is used twice")
-        fields.append((name, _parse_dtype(layout, token, m["dtype"]), _parse_shape(layout, token, m["shape"])))
+        fields.append(
+            (name, _parse_dtype(layout, token, m["dtype"]), _parse_shape(layout, token, m["shape"]))
+        )
     return fields
 
 
@@ -132,8 +140,12 @@ class RawSource(Source):
         for path in self.paths:
             nbytes = os.path.getsize(path)
             if nbytes < header_bytes:
-                raise FormatError(path, f"file has {nbytes} bytes, fewer than the {header_bytes}-byte header",
-                                  offset=nbytes, hint="check --layout and --header-bytes")
+                raise FormatError(
+                    path,
+                    f"file has {nbytes} bytes, fewer than the {header_bytes}-byte header",
+                    offset=nbytes,
+                    hint="check --layout and --header-bytes",
+                )
             full, extra = divmod(nbytes - header_bytes, size)
             if extra:
                 raise FormatError(
@@ -170,7 +182,13 @@ class RawSource(Source):
             if n == 0:  # mmap cannot map zero bytes
                 m = np.empty(0, self._record)
             else:
-                m = np.memmap(self.paths[i], dtype=self._record, mode="r", offset=self.header_bytes, shape=(n,))
+                m = np.memmap(
+                    self.paths[i],
+                    dtype=self._record,
+                    mode="r",
+                    offset=self.header_bytes,
+                    shape=(n,),
+                )
             self._maps[i] = m
         return m
 
@@ -187,7 +205,10 @@ class RawSource(Source):
         for i in range(max(first, 0), len(self.paths)):
             if pos >= stop:
                 break
-            lo, hi = pos - int(self._starts[i]), min(stop, int(self._starts[i + 1])) - int(self._starts[i])
+            lo, hi = (
+                pos - int(self._starts[i]),
+                min(stop, int(self._starts[i + 1])) - int(self._starts[i]),
+            )
             if hi <= lo:
                 continue
             recs = self._map(i)[lo:hi]

@@ -30,14 +30,20 @@ from dlpipe import shards as shard_formats
 from dlpipe._units import format_bytes, parse_size
 from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding
 from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
+from dlpipe.formats.packing import flat_rows, steps
 from dlpipe.manifest import MANIFEST, ShardInfo, build_manifest, write_json_atomic
-from dlpipe.padding import PaddingSpec, left_align, pad_values, padding_region, record_lengths, resolve_padding
+from dlpipe.output_dir import STATE_DIR, prepare_output, remove_temporaries
+from dlpipe.padding import (
+    PaddingSpec,
+    left_align,
+    pad_values,
+    record_lengths,
+    resolve_padding,
+)
 from dlpipe.plan import ShardTask, parse_splits, plan_shards, record_order, split_bounds
 from dlpipe.progress import Progress
 from dlpipe.sources import Source, open_source
 
-STATE_DIR = ".dlpipe"
-_SHARD_FILE = r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.(tfrecord|tar)(\.gz|\.zz)?(\.index)?$"
 _EXAMPLE_OVERHEAD = 24  # rough bytes per record of framing and keys, for balancing only
 
 
@@ -113,6 +119,7 @@ def reshard(
     layout: str | None = None,
     header_bytes: int = 0,
     source_compression: str | None = None,
+    columns: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> ReshardSummary:
@@ -140,13 +147,18 @@ def reshard(
     if header_bytes < 0:
         raise ConfigError(f"header_bytes={header_bytes}; must be >= 0")
 
-    source = open_source(sources, layout=layout, header_bytes=header_bytes, compression=source_compression)
+    source = open_source(sources, layout=layout, header_bytes=header_bytes, compression=source_compression,
+                         columns=columns)
     spec = resolve_padding(
         source.columns, pad_id=pad_id, lengths_column=lengths_column, mask_column=mask_column,
         padding_side=padding_side, sequence_columns=sequence_columns, keep_mask=keep_mask,
         source_name=source.paths[0] if len(source.paths) == 1 else source.describe(),
     )
-    out_names = [n for n in source.columns if n not in spec.dropped]
+    if columns is not None:
+        unknown = [c for c in columns if c not in source.columns]
+        if unknown:
+            raise ConfigError(f"columns {unknown} are not in the source; it has {', '.join(source.columns)}")
+    out_names = [n for n in source.columns if n not in spec.dropped and (columns is None or n in columns)]
     if not out_names:
         raise ConfigError("no columns left to write after dropping the mask/lengths columns")
     row_bytes = sum(c.width * c.dtype.itemsize for c in source.columns.values()) or 1
@@ -178,7 +190,7 @@ def reshard(
         plan_hash = _hash({"plan": plan, "source": source.fingerprint(), "format": format,
                            "compression": compression, "columns": {k: e.to_json() for k, e in encodings.items()}})
         plan["hash"] = plan_hash
-        done = _prepare_output(output, plan_hash, overwrite)
+        done = prepare_output(output, plan_hash, overwrite)
         if done is None:  # already complete with the same plan
             return _summary(output, source, tasks, time.perf_counter() - t0, written=0, reused=len(tasks))
 
@@ -208,7 +220,7 @@ def reshard(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             pool = None
-        _remove_temporaries(output)
+        remove_temporaries(output)
         raise
     finally:
         if pool is not None:
@@ -367,16 +379,15 @@ def _batches(job: _Job, rows) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray
 
 def to_batch(chunk, spec: PaddingSpec, encodings, lengths, is_left) -> dict[str, ColumnBatch]:
     """Stripped, left-aligned columns in their storage dtypes."""
-    n = len(lengths)
     batch = {}
     for name, enc in encodings.items():
         data = chunk[name]
         storage = np.dtype(enc.storage_dtype)
         if enc.variable:
-            data = left_align(data.reshape(n, spec.max_length, -1), lengths, is_left)
-            batch[name] = ColumnBatch(data.reshape(n, -1).astype(storage, copy=False), lengths * enc.inner)
+            data = left_align(steps(data, spec.max_length), lengths, is_left)
+            batch[name] = ColumnBatch(flat_rows(data).astype(storage, copy=False), lengths * enc.inner)
         else:
-            batch[name] = ColumnBatch(data.reshape(n, -1).astype(storage, copy=False), None)
+            batch[name] = ColumnBatch(flat_rows(data).astype(storage, copy=False), None)
     return batch
 
 
@@ -444,96 +455,8 @@ def shard_formats_stream(raw, job: _Job):
     return open_compressed_writer(raw, job.compression)
 
 
-# ---------------------------------------------------------------------------------------------
-# output directory
-
-
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _prepare_output(output: str, plan_hash: str, overwrite: bool) -> dict[str, ShardInfo] | None:
-    """Make ``output`` ready; return finished shards to reuse, or None if all is done already."""
-    import re
-
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise OutputError(f"{output}: exists and is not a directory; choose another --output")
-    manifest = os.path.join(output, MANIFEST)
-    state = os.path.join(output, STATE_DIR, "plan.json")
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                same = json.load(f)["dlpipe"]["plan"]["hash"] == plan_hash
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
-        if same and not overwrite:
-            return None
-        if not overwrite:
-            raise OutputError(f"{output}: already holds a dataset made from other inputs or options; pass "
-                              "--overwrite to replace it, or choose another --output")
-        _clean(output)
-    elif os.path.isfile(state):
-        try:
-            with open(state) as f:
-                same = json.load(f)["hash"] == plan_hash
-        except (OSError, ValueError, KeyError):
-            same = False
-        if not same:
-            if not overwrite:
-                raise OutputError(f"{output}: holds an unfinished reshard with other inputs or options; pass "
-                                  "--overwrite to replace it, or choose another --output")
-            _clean(output)
-    elif os.path.isdir(output) and os.listdir(output):
-        if not overwrite:
-            raise OutputError(f"{output}: exists and is not empty; pass --overwrite to replace dlpipe shards "
-                              "there, or choose another --output")
-        _clean(output)
-        pattern = re.compile(_SHARD_FILE)
-        others = [f for f in os.listdir(output) if not pattern.match(f)]
-        if others:
-            raise OutputError(f"{output}: holds files dlpipe did not write ({', '.join(sorted(others)[:3])}...); "
-                              "choose an empty --output")
-    try:
-        os.makedirs(os.path.join(output, STATE_DIR, "done"), exist_ok=True)
-        _remove_temporaries(output)
-        if not os.path.isfile(state):
-            write_json_atomic(state, {"hash": plan_hash})
-    except OSError as e:
-        raise OutputError(f"{output}: cannot write there ({e.strerror or e}); choose another --output") from None
-    done = {}
-    done_dir = os.path.join(output, STATE_DIR, "done")
-    for name in os.listdir(done_dir):
-        try:
-            with open(os.path.join(done_dir, name)) as f:
-                info = ShardInfo(**json.load(f))
-        except (OSError, ValueError, TypeError):
-            continue
-        path = os.path.join(output, info.path)
-        if os.path.isfile(path) and os.path.getsize(path) == info.num_bytes and os.path.isfile(path + ".index"):
-            done[info.path] = info
-    return done
-
-
-def _clean(output: str) -> None:
-    import re
-
-    pattern = re.compile(_SHARD_FILE)
-    for name in os.listdir(output):
-        path = os.path.join(output, name)
-        if name == MANIFEST or pattern.match(name) or (name.startswith(".") and name.endswith(".tmp")):
-            os.remove(path)
-    shutil.rmtree(os.path.join(output, STATE_DIR), ignore_errors=True)
-
-
-def _remove_temporaries(output: str) -> None:
-    if not os.path.isdir(output):
-        return
-    for name in os.listdir(output):
-        if name.startswith(".") and name.endswith(".tmp"):
-            try:
-                os.remove(os.path.join(output, name))
-            except OSError:
-                pass
 
 
 def _summary(output, source, tasks, seconds, *, written, reused) -> ReshardSummary:

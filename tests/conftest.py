@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def padded_tokens(rng: np.random.Generator, n: int, width: int, *, pad_id: int = 0, max_len: int | None = None,
+                  vocab: int = 120, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """(n, width) right-padded token rows with no pad id at the end of real content, and lengths."""
+    max_len = width if max_len is None else max_len
+    lengths = rng.integers(0, max_len + 1, n)
+    ids = rng.integers(1, vocab, (n, width)).astype(dtype)
+    ids[ids == pad_id] = pad_id + 1
+    ids[np.arange(width)[None, :] >= lengths[:, None]] = pad_id
+    return ids, lengths
+
+
+@pytest.fixture
+def npy_corpus(tmp_path):
+    """A small padded corpus as .npy columns: input_ids int64 (n, 32) padded with 0, labels float32 (n, 2)."""
+    rng = np.random.default_rng(1)
+    ids, lengths = padded_tokens(rng, 500, 32)
+    labels = rng.normal(size=(500, 2)).astype(np.float32)
+    np.save(tmp_path / "input_ids.npy", ids)
+    np.save(tmp_path / "labels.npy", labels)
+    return {"dir": tmp_path, "ids": ids, "lengths": lengths, "labels": labels,
+            "specs": [str(tmp_path / "input_ids.npy"), str(tmp_path / "labels.npy")]}
+
+
+@pytest.fixture(scope="session")
+def tf():
+    tf = pytest.importorskip("tensorflow")
+    return tf
