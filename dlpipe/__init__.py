@@ -6,6 +6,7 @@ WebDataset shards with a manifest and index files; ``dlpipe.verify`` checks them
 TensorFlow nor PyTorch: framework code loads lazily, behind pip extras.
 """
 
+from dlpipe.dataset import ShardDataset, load_dataset
 from dlpipe.engine import ReshardSummary, reshard
 from dlpipe.errors import (
     ConfigError,
@@ -16,6 +17,7 @@ from dlpipe.errors import (
     PaddingError,
     VerifyError,
 )
+from dlpipe.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,11 @@ __all__ = [
     "OutputError",
     "PaddingError",
     "ReshardSummary",
+    "ShardDataset",
     "VerifyError",
+    "VerifyReport",
     "__version__",
+    "load_dataset",
     "reshard",
+    "verify",
 ]

@@ -346,6 +346,8 @@ def _column_stats(spec, encodings, lengths, pad_value) -> dict[str, dict]:
         "num_tokens": int(lengths.sum(dtype=np.int64)),
         "padding_efficiency_of_source": float(lengths.mean() / spec.max_length) if spec.max_length else 1.0,
         "histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        # every 5th percentile: loaders pick length-bucket boundaries from these
+        "quantiles": np.percentile(lengths, np.arange(0, 101, 5), method="higher").astype(int).tolist(),
     }
     for name in spec.sequence_columns:
         if name in encodings:

@@ -1,0 +1,143 @@
+"""``dlpipe.load_dataset``: a dlpipe dataset directory as an HF-style dataset object.
+
+Follows HF ``datasets`` conventions: ``load_dataset(path, split=...)``, ``features``,
+``num_rows``, ``shuffle(seed=..., buffer_size=...)`` and ``set_epoch`` as on
+``datasets.IterableDataset`` (shard order permuted with seed + epoch, records shuffled within
+windows of ``buffer_size``), ``to_tf_dataset`` with HF's parameter names. Framework code is
+imported only when ``to_tf_dataset`` / ``to_torch_dataloader`` is called.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from dlpipe.errors import ConfigError
+from dlpipe.loaders.common import ShardReader, epoch_windows, window_batches
+from dlpipe.manifest import DatasetInfo, load_manifest
+
+
+class ShardDataset:
+    """One split of a dlpipe dataset. Iterating yields one dict of numpy arrays per record."""
+
+    def __init__(self, info: DatasetInfo, split: str, columns: Sequence[str] | None = None) -> None:
+        self.info = info
+        self.split = split
+        self.shards = info.split_shards(split)
+        self.columns = list(info.columns) if columns is None else list(columns)
+        for c in self.columns:
+            if c not in info.columns:
+                raise ConfigError(f"column {c!r} is not in {info.root}; columns: {', '.join(info.columns)}")
+        self.shuffle_seed: int | None = None
+        self.buffer_size = 1000
+        self.epoch = 0
+
+    # -- HF-style description
+    @property
+    def features(self) -> dict:
+        """HF ``features`` (JSON form of ``Value``/``List``) of the selected columns."""
+        return {k: v for k, v in self.info.raw["features"].items() if k in self.columns}
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_records for s in self.shards)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def shuffled(self) -> bool:
+        return self.shuffle_seed is not None
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        return (f"ShardDataset(split={self.split!r}, num_rows={self.num_rows}, num_shards={self.num_shards}, "
+                f"features={list(self.columns)}, format={self.info.format!r})")
+
+    # -- HF-style transforms (return new objects)
+    def shuffle(self, seed: int | None = None, buffer_size: int = 1000) -> ShardDataset:
+        """Shuffle shard order per epoch (seed + epoch) and records within windows of ``buffer_size``."""
+        if buffer_size < 1:
+            raise ConfigError(f"buffer_size={buffer_size}; must be >= 1")
+        out = copy.copy(self)
+        out.shuffle_seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
+        out.buffer_size = buffer_size
+        return out
+
+    def select_columns(self, columns: str | Sequence[str]) -> ShardDataset:
+        out = copy.copy(self)
+        out.columns = [columns] if isinstance(columns, str) else list(columns)
+        ShardDataset(self.info, self.split, out.columns)  # validates
+        return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """As ``datasets.IterableDataset.set_epoch``: reshuffles with seed + epoch."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        reader = ShardReader(self.info, self.columns)
+        enc = reader.encodings
+        windows = epoch_windows([s.num_records for s in self.shards], batch_size=1,
+                                shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,
+                                window_batches=self.buffer_size)
+        for window in windows:
+            cols = read_window(reader, self.shards, window)
+            for rows in window_batches(window, None, batch_size=max(window.num_records, 1),
+                                       shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,
+                                       rank=0):
+                for i in rows.tolist():
+                    yield {n: _row(cols[n], i, enc[n]) for n in self.columns}
+
+    # -- framework front ends
+    def to_tf_dataset(self, *args, **kwargs):
+        """A native ``tf.data.Dataset`` of padded batches; see ``dlpipe.loaders.tf_data``."""
+        from dlpipe.loaders.tf_data import to_tf_dataset
+
+        return to_tf_dataset(self, *args, **kwargs)
+
+    def to_torch_dataloader(self, *args, **kwargs):
+        """A PyTorch ``DataLoader`` of padded batches; see ``dlpipe.loaders.torch_data``."""
+        from dlpipe.loaders.torch_data import to_torch_dataloader
+
+        return to_torch_dataloader(self, *args, **kwargs)
+
+
+def read_window(reader: ShardReader, shards, window) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The records of a window as ragged columns (several shard ranges concatenated)."""
+    parts = [reader.read(shards[s], a, b) for s, a, b in window.ranges]
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in reader.encodings:
+        values = np.concatenate([p[name][0] for p in parts])
+        splits = [np.zeros(1, np.int64)]
+        base = 0
+        for p in parts:
+            splits.append(p[name][1][1:] - p[name][1][0] + base)
+            base = int(splits[-1][-1]) if len(splits[-1]) else base
+        out[name] = (values, np.concatenate(splits))
+    return out
+
+
+def _row(col, i: int, enc) -> np.ndarray:
+    values, splits = col
+    v = values[splits[i] : splits[i + 1]]
+    if enc.variable:
+        return v.reshape((-1, *enc.shape[1:]))
+    return v.reshape(enc.shape)
+
+
+def load_dataset(path: str | os.PathLike[str], split: str = "train", *,
+                 columns: Sequence[str] | None = None) -> ShardDataset:
+    """Open a dataset written by ``dlpipe reshard`` (a local directory) as a ShardDataset."""
+    return ShardDataset(load_manifest(path), split, columns)

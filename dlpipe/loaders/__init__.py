@@ -1,0 +1,2 @@
+"""Loaders over dlpipe shards: a framework-free core, plus tf.data and PyTorch front ends
+(imported lazily, behind the ``tf`` and ``torch`` extras)."""

@@ -1,0 +1,356 @@
+"""What every loader shares, so TensorFlow and PyTorch batches follow one rule.
+
+- **Reading**: ``ShardReader`` turns a record range of a shard into ragged columns (flat values
+  in the logical dtype + row splits), using the shard's ``.index`` to find bytes, checking CRCs,
+  and decoding many records per call.
+- **Padding rule** (as ``DataCollatorWithPadding``): a variable column is padded to the longest
+  record of its batch, rounded up to ``pad_to_multiple_of``, or to the smallest bucket boundary
+  that fits when length buckets are used; pad values come from the manifest; an
+  ``attention_mask`` is built from the lengths; ``padding_side`` right or left.
+- **Epoch plan**: shard order is permuted per (seed, epoch); the records in that order are cut
+  into equal ranges per rank; each rank's range into batch-aligned windows; windows are dealt
+  round-robin to loader workers; inside a window records are shuffled (and grouped by length
+  bucket). Every piece is a pure function of its inputs, so a stream can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dlpipe.columns import ColumnEncoding
+from dlpipe.errors import ConfigError, FormatError
+from dlpipe.formats.tfrecord import check_frame_crcs, payload_bounds, read_decompressed
+from dlpipe.manifest import DatasetInfo, ShardInfo
+
+Ragged = tuple[np.ndarray, np.ndarray]  # (flat values, row_splits in elements)
+MASK = "attention_mask"
+UNEVEN = ("pad", "drop")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def read_index(path: str) -> np.ndarray:
+    """An "offset size" index file as an (n, 2) int64 array."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        table = np.array(data.split(), dtype=np.int64).reshape(-1, 2)
+    except ValueError:
+        raise FormatError(path, "index is not 'offset size' lines", hint="rerun dlpipe reshard") from None
+    return table
+
+
+class ShardReader:
+    """Reads records ``[start, stop)`` of a dataset's shards as ragged columns (logical dtypes).
+
+    Uncompressed shards are memory-mapped and only the requested bytes are touched; a compressed
+    shard is decompressed once and kept while it is being read (one at a time).
+    """
+
+    def __init__(self, info: DatasetInfo, columns: Sequence[str] | None = None, *, check_crc: bool = True):
+        self.info = info
+        names = list(info.columns) if columns is None else list(columns)
+        for name in names:
+            if name not in info.columns:
+                raise ConfigError(f"column {name!r} is not in the dataset; columns: {', '.join(info.columns)}")
+        self.encodings = {n: info.columns[n] for n in names}
+        self.check_crc = check_crc
+        self._index: dict[str, np.ndarray] = {}
+        self._buf: tuple[str, np.ndarray] | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_buf": None}
+
+    def index(self, shard: ShardInfo) -> np.ndarray:
+        if shard.path not in self._index:
+            self._index[shard.path] = read_index(os.path.join(self.info.root, shard.index))
+        return self._index[shard.path]
+
+    def _buffer(self, path: str) -> np.ndarray:
+        if self._buf is None or self._buf[0] != path:
+            self._buf = (path, np.asarray(read_decompressed(path, self.info.compression)))
+        return self._buf[1]
+
+    def read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
+        path = os.path.join(self.info.root, shard.path)
+        table = self.index(shard)[start:stop]
+        buf = self._buffer(path)
+        frames = np.append(table[:, 0], table[-1, 0] + table[-1, 1]) if len(table) else np.zeros(1, np.int64)
+        if len(table) and frames[-1] > len(buf):
+            raise FormatError(path, f"shard is shorter ({len(buf)} bytes) than its index says",
+                              offset=int(frames[-1]), hint="the shard is truncated; rerun dlpipe reshard")
+        if self.info.format == "webdataset":
+            from dlpipe.formats.wds import read_samples
+
+            lo, hi = int(frames[0]), int(frames[-1])
+            _, cols = read_samples(buf[lo:hi], self.encodings, path=path, sample_offsets=frames - lo)
+            return {n: cols[n] for n in self.encodings}
+        return self._read_tfrecord(buf, frames, path)
+
+    def _read_tfrecord(self, buf: np.ndarray, frames: np.ndarray, path: str) -> dict[str, Ragged]:
+        from dlpipe.formats.example_decode import decode_examples
+
+        if self.check_crc:
+            check_frame_crcs(buf, frames, path=path)
+        starts, ends = payload_bounds(frames)
+        feats = decode_examples(buf, starts, ends, path=path, frame_offsets=frames[:-1])
+        n = len(starts)
+        out = {}
+        for name, enc in self.encodings.items():
+            f = feats.get(name)
+            if f is None or (n and not f.present.all()):
+                i = 0 if f is None else int(np.flatnonzero(~f.present)[0])
+                raise FormatError(path, f"record lacks column {name!r}", offset=int(frames[i]), record=i,
+                                  hint="the shard does not match its manifest; rerun dlpipe reshard")
+            out[name] = _typed(f, enc, n, path, frames)
+        return out
+
+
+def _typed(f, enc: ColumnEncoding, n: int, path: str, frames: np.ndarray) -> Ragged:
+    """A decoded feature as values in the logical dtype with element row splits."""
+    if f.kind == "bytes":
+        storage = np.dtype(enc.storage_dtype).newbyteorder("<")
+        data, byte_splits = f.single_bytes(path=path)
+        bad = np.flatnonzero(np.diff(byte_splits) % storage.itemsize)
+        if len(bad):
+            i = int(bad[0])
+            raise FormatError(path, f"column {enc.name!r} holds a partial {storage} value",
+                              offset=int(frames[i]), record=i, hint="rerun dlpipe reshard")
+        values = data[byte_splits[0] : byte_splits[-1]].view(storage)
+        splits = (byte_splits - byte_splits[0]) // storage.itemsize
+    else:
+        values, splits = f.values, f.row_splits
+    return values.astype(enc.dtype, copy=False), splits.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# padding rule
+
+
+def padded_length(longest: int, *, pad_to_multiple_of: int | None = None,
+                  boundaries: Sequence[int] | None = None) -> int:
+    """Length a batch is padded to, given its longest record."""
+    if boundaries:
+        i = int(np.searchsorted(boundaries, longest, side="left"))
+        if i < len(boundaries):
+            return int(boundaries[i])
+    if pad_to_multiple_of:
+        return int(math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of)
+    return int(longest)
+
+
+def default_boundaries(info: DatasetInfo, column: str, *, num_buckets: int = 8,
+                       pad_to_multiple_of: int | None = None) -> list[int]:
+    """Bucket boundaries at length quantiles of ``column`` (recorded by reshard), ending at its
+    longest record, rounded up to ``pad_to_multiple_of``; a small fixed set of shapes."""
+    stats = info.raw["dlpipe"]["columns"].get(column, {}).get("lengths")
+    if not stats:
+        raise ConfigError(f"column {column!r} is not a variable-length column; cannot bucket by it")
+    q = np.asarray(stats["quantiles"])  # every 5th percentile
+    picks = q[np.linspace(0, len(q) - 1, num_buckets + 1).round().astype(int)[1:]]
+    picks = np.append(picks, stats["max"])
+    bounds = sorted({padded_length(max(int(p), 1), pad_to_multiple_of=pad_to_multiple_of) for p in picks})
+    return bounds
+
+
+def bucket_ids(lengths: np.ndarray, boundaries: Sequence[int]) -> np.ndarray:
+    return np.searchsorted(np.asarray(boundaries), lengths, side="left")
+
+
+def take_rows(col: Ragged, rows: np.ndarray) -> Ragged:
+    """Rows of a ragged column, in the order given."""
+    values, splits = col
+    starts, lens = splits[rows], splits[rows + 1] - splits[rows]
+    out_splits = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out_splits[1:])
+    total = int(out_splits[-1])
+    idx = np.repeat(starts - out_splits[:-1], lens) + np.arange(total, dtype=np.int64)
+    return values[idx], out_splits
+
+
+def collate(
+    columns: Mapping[str, Ragged],
+    encodings: Mapping[str, ColumnEncoding],
+    pad_values: Mapping[str, float | int],
+    *,
+    pad_to_multiple_of: int | None = None,
+    boundaries: Sequence[int] | None = None,
+    padding_side: str = "right",
+    return_attention_mask: bool = True,
+) -> dict[str, np.ndarray]:
+    """One batch of numpy arrays under the padding rule (see the module docstring)."""
+    if padding_side not in ("right", "left"):
+        raise ConfigError(f"padding_side={padding_side!r}; use 'right' or 'left'")
+    out: dict[str, np.ndarray] = {}
+    mask_lengths = None
+    for name, (values, splits) in columns.items():
+        enc = encodings[name]
+        n = len(splits) - 1
+        inner_shape = tuple(enc.shape[1:]) if enc.variable else tuple(enc.shape)
+        if not enc.variable:
+            out[name] = values.reshape((n, *inner_shape))
+            continue
+        steps = np.diff(splits) // enc.inner
+        width = padded_length(int(steps.max()) if n else 0, pad_to_multiple_of=pad_to_multiple_of,
+                              boundaries=boundaries)
+        pad = pad_values.get(name)
+        batch = np.full((n, width, enc.inner), 0 if pad is None else pad, dtype=values.dtype)
+        pos = np.arange(width)[None, :]
+        real = pos < steps[:, None] if padding_side == "right" else pos >= (width - steps)[:, None]
+        batch[real] = values.reshape(-1, enc.inner)
+        out[name] = batch.reshape((n, width, *inner_shape))
+        if mask_lengths is None:
+            mask_lengths = (steps, width)
+    if return_attention_mask and mask_lengths is not None and MASK not in out:
+        steps, width = mask_lengths
+        pos = np.arange(width)[None, :]
+        real = pos < steps[:, None] if padding_side == "right" else pos >= (width - steps)[:, None]
+        out[MASK] = real.astype(np.int64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# epoch plan
+
+
+@dataclass(frozen=True)
+class Window:
+    """A batch-aligned run of one rank's records: ``ranges`` are (shard position, start, stop)."""
+
+    index: int
+    ranges: tuple[tuple[int, int, int], ...]
+    num_records: int
+    num_batches: int
+
+
+def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Shard positions in the order an epoch reads them (HF: the effective seed is seed + epoch)."""
+    if not shuffle:
+        return np.arange(num_shards)
+    return np.random.default_rng(seed + epoch).permutation(num_shards)
+
+
+def rank_share(total: int, world_size: int, rank: int, uneven: str = "pad") -> tuple[int, int]:
+    """[lo, hi) of this rank in the epoch's record order (may pass ``total``: those wrap around).
+
+    Every rank gets the same number of records, so the same number of batches, and DDP never
+    waits at the end of an epoch. ``pad`` (as DistributedSampler): ceil(total / world) each, the
+    shortfall filled by repeating records from the start of the epoch; ``drop``: floor, the last
+    ``total % world`` records of the epoch are skipped (other ones each epoch when shuffled).
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank={rank} is outside world_size={world_size}")
+    if uneven not in UNEVEN:
+        raise ConfigError(f"uneven={uneven!r}; use 'pad' or 'drop'")
+    per_rank = -(-total // world_size) if uneven == "pad" else total // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def epoch_windows(
+    shard_sizes: Sequence[int],
+    *,
+    batch_size: int,
+    world_size: int = 1,
+    rank: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    window_batches: int = 16,
+    drop_last: bool = False,
+    uneven: str = "pad",
+) -> list[Window]:
+    """This rank's windows for one epoch (see the module docstring)."""
+    if batch_size < 1 or window_batches < 1:
+        raise ConfigError(f"batch_size={batch_size} and window_batches={window_batches} must be >= 1")
+    order = shard_order(len(shard_sizes), shuffle=shuffle, seed=seed, epoch=epoch)
+    sizes = np.asarray(shard_sizes, dtype=np.int64)[order]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(bounds[-1])
+    lo, hi = rank_share(total, world_size, rank, uneven)
+    count = hi - lo
+    if drop_last:
+        count = count // batch_size * batch_size
+    window = window_batches * batch_size
+    windows = []
+    for w, a in enumerate(range(0, count, window)):
+        b = min(count, a + window)
+        ranges = _ranges(lo + a, lo + b, total, bounds, order)
+        windows.append(Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size)))
+    return windows
+
+
+def _ranges(a: int, b: int, total: int, bounds: np.ndarray, order: np.ndarray) -> list[tuple[int, int, int]]:
+    """Positions [a, b) of the epoch order (wrapping past ``total``) as (shard, start, stop) runs."""
+    out = []
+    while a < b:
+        pos = a % total
+        k = int(np.searchsorted(bounds, pos, side="right")) - 1
+        take = min(b - a, int(bounds[k + 1]) - pos)
+        start = pos - int(bounds[k])
+        out.append((int(order[k]), start, start + take))
+        a += take
+    return out
+
+
+def window_batches(
+    window: Window,
+    lengths: np.ndarray | None,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    boundaries: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """Row indices (into the window's records) of each batch, in yield order.
+
+    Shuffled windows permute their records; with ``boundaries`` records are grouped by length
+    bucket (after the shuffle, so ties stay random) and the batches' order is shuffled, which
+    keeps padding small while mixing lengths across steps.
+    """
+    n = window.num_records
+    rng = np.random.default_rng([seed, epoch, rank, window.index])
+    rows = rng.permutation(n) if shuffle else np.arange(n)
+    if boundaries is not None and lengths is not None:
+        rows = rows[np.argsort(bucket_ids(lengths[rows], boundaries), kind="stable")]
+    batches = [rows[i : i + batch_size] for i in range(0, n, batch_size)]
+    if boundaries is not None and shuffle and len(batches) > 1:
+        full = [b for b in batches if len(b) == batch_size]
+        partial = [b for b in batches if len(b) != batch_size]
+        batches = [full[i] for i in rng.permutation(len(full))] + partial
+    return batches
+
+
+def worker_windows(windows: Sequence[Window], num_workers: int, worker_id: int) -> list[Window]:
+    """Windows dealt round-robin to loader workers (all of them with no workers)."""
+    return list(windows[worker_id :: max(num_workers, 1)])
+
+
+def batches_consumed_per_worker(batches_per_worker: Sequence[int], consumed: int) -> list[int]:
+    """How many batches each worker had yielded after the loader yielded ``consumed`` batches,
+    when batches are taken from workers in turn and exhausted workers are skipped (PyTorch's
+    DataLoader order for iterable datasets)."""
+    remaining = list(batches_per_worker)
+    done = [0] * len(remaining)
+    left = consumed
+    while left > 0 and any(remaining):
+        active = [w for w, r in enumerate(remaining) if r > 0]
+        rounds = min(min(remaining[w] for w in active), left // len(active))
+        if rounds == 0:
+            for w in active[:left]:
+                done[w] += 1
+                remaining[w] -= 1
+            break
+        for w in active:
+            done[w] += rounds
+            remaining[w] -= rounds
+        left -= rounds * len(active)
+    return done
