@@ -95,8 +95,10 @@ def _padding_options(f):
               "dataset_info.json.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["tfrecord", "webdataset"]), default="tfrecord",
               show_default=True, help="Shard format.")
-@click.option("--compression", type=click.Choice(["none", "gzip", "zlib"]), default="none", show_default=True,
-              help="Compress shards (TFRecord: gzip or zlib as TFRecordOptions; WebDataset: .tar.gz).")
+@click.option("--compression", type=click.Choice(["auto", "none", "gzip", "zlib"]), default="auto",
+              show_default=True, help="Compress shards: TFRecord gzip/zlib as TFRecordOptions define them; "
+              "WebDataset gzip (.tar.gz). auto: gzip for WebDataset (tar headers cost 1 KiB per member), "
+              "none for TFRecord.")
 @click.option("--num-shards", type=int, help="Shards for the largest split (others in proportion).")
 @click.option("--shard-size", metavar="SIZE", help="Target bytes per shard, e.g. 256MB (default when "
               "--num-shards is not given).")
@@ -142,7 +144,7 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
 
     seq = [] if no_strip else (sequence_columns.split(",") if sequence_columns else None)
     summary = run(
-        list(sources), output, format=fmt, compression=None if compression == "none" else compression,
+        list(sources), output, format=fmt, compression=compression,
         num_shards=num_shards, shard_size=shard_size, num_shards_multiple_of=num_shards_multiple_of,
         balance_by=balance_by, workers=workers, shuffle=shuffle, seed=seed, splits=splits, pad_id=pad_id,
         lengths_column=lengths_column, mask_column=mask_column, padding_side=padding_side,

@@ -100,7 +100,7 @@ def reshard(
     output: str | os.PathLike[str],
     *,
     format: str = "tfrecord",
-    compression: str | None = None,
+    compression: str | None = "auto",
     num_shards: int | None = None,
     shard_size: int | str | None = None,
     num_shards_multiple_of: int = 1,
@@ -132,6 +132,7 @@ def reshard(
     """
     t0 = time.perf_counter()
     output = os.fspath(output)
+    compression = shard_formats.resolve_compression(format, compression)
     shard_formats.check_format(format, compression)
     if num_shards is not None and shard_size is not None:
         raise ConfigError("pass num_shards or shard_size, not both")

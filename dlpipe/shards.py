@@ -22,6 +22,14 @@ _SUFFIX = {
 }
 
 
+def resolve_compression(fmt: str, compression: str | None) -> str | None:
+    """``"auto"``: gzip for WebDataset (tar spends 1 KiB per member, which gzip takes back:
+    0.8x the TFRecord bytes instead of ~25x), none for TFRecord. ``"none"`` means None."""
+    if compression == "auto":
+        return "gzip" if fmt == "webdataset" else None
+    return None if compression == "none" else compression
+
+
 def check_format(fmt: str, compression: str | None) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}; use one of {', '.join(FORMATS)}")

@@ -194,3 +194,71 @@ def test_disk_full_is_a_clear_error_and_leaves_no_partial_shard(npy_corpus, tmp_
     with pytest.raises(OutputError, match="No space left on device.*free some space"):
         dlpipe.reshard(npy_corpus["specs"], out, pad_id=0, num_shards=2, workers=1)
     assert not [f for f in os.listdir(out) if not f.startswith(".dlpipe")]
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_rerun_is_byte_identical(tmp_path):
+    """A real crash: SIGKILL the CLI after a few shards are done, rerun, compare."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(5)
+    ids = rng.integers(1, 250, (120_000, 64))
+    ids[np.arange(64)[None, :] >= rng.integers(0, 65, 120_000)[:, None]] = 0
+    np.save(tmp_path / "input_ids.npy", ids)
+    args = ["reshard", str(tmp_path / "input_ids.npy"), "--pad-id", "0", "--num-shards", "60", "-j", "1"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    cli = [sys.executable, "-m", "dlpipe"]
+    subprocess.run([*cli, *args, "-o", str(ref)], check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen([*cli, *args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = out / ".dlpipe" / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(os.listdir(done_dir)) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert not (out / "dataset_info.json").exists()
+    rerun = subprocess.run([*cli, *args, "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "reused from an earlier run" in rerun.stdout
+    assert sorted(os.listdir(ref)) == sorted(os.listdir(out))
+    for name in os.listdir(ref):
+        assert filecmp.cmp(ref / name, out / name, shallow=False), name
+
+
+@pytest.mark.parametrize("compression", ["auto", "none"])
+def test_webdataset_shards_read_by_webdataset_and_hf(npy_corpus, tmp_path, compression):
+    wds = pytest.importorskip("webdataset")
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "out"
+    dlpipe.reshard(npy_corpus["specs"], out, format="webdataset", compression=compression, pad_id=0,
+                   num_shards=2, workers=2)
+    info = load_manifest(out)
+    suffix = ".tar.gz" if compression == "auto" else ".tar"
+    assert all(s.path.endswith(suffix) for s in info.shards)
+    files = [str(out / s.path) for s in info.shards]
+    ids, lengths, labels = npy_corpus["ids"], npy_corpus["lengths"], npy_corpus["labels"]
+
+    samples = list(wds.WebDataset(files, shardshuffle=False, empty_check=False).decode())
+    assert [int(s["__key__"]) for s in samples] == list(range(500))
+    for i, s in enumerate(samples):
+        assert np.array_equal(s["input_ids.npy"], ids[i, : lengths[i]])
+        assert np.array_equal(s["labels.npy"], labels[i])
+
+    hf = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(hf) == 500
+    for i in (0, 1, 250, 499):
+        assert np.array_equal(np.asarray(hf[i]["input_ids.npy"]), ids[i, : lengths[i]])
+        assert np.allclose(np.asarray(hf[i]["labels.npy"]), labels[i])
+
+    got = list(dlpipe.load_dataset(out))
+    assert all(np.array_equal(g["input_ids"], ids[i, : lengths[i]]) for i, g in enumerate(got))
+    assert dlpipe.verify(out).ok

@@ -165,7 +165,7 @@ class _ZlibWriter(io.RawIOBase):
         super().close()
 
 
-def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> bytes | np.ndarray:
+def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> np.ndarray:
     """The whole (decompressed) record stream of a file; a memory map when uncompressed."""
     if compression is None:
         if os.path.getsize(path) == 0:
@@ -174,7 +174,8 @@ def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> 
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return gzip.decompress(data) if compression == "gzip" else zlib.decompress(data)
+        raw = gzip.decompress(data) if compression == "gzip" else zlib.decompress(data)
+        return np.frombuffer(raw, dtype=np.uint8)
     except (OSError, zlib.error, EOFError) as e:
         raise FormatError(path, f"cannot decompress {compression} stream ({e})",
                           hint="the file is truncated or not compressed as stated") from None

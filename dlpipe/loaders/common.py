@@ -89,8 +89,7 @@ class ShardReader:
         if self.info.format == "webdataset":
             from dlpipe.formats.wds import read_samples
 
-            lo, hi = int(frames[0]), int(frames[-1])
-            _, cols = read_samples(buf[lo:hi], self.encodings, path=path, sample_offsets=frames - lo)
+            _, cols = read_samples(buf, self.encodings, path=path, sample_offsets=frames)
             return {n: cols[n] for n in self.encodings}
         return self._read_tfrecord(buf, frames, path)
 
