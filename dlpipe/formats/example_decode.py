@@ -37,7 +37,9 @@ class DecodedFeature:
     value_splits: np.ndarray | None
     present: np.ndarray
 
-    def single_bytes(self, *, path: str | os.PathLike[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def single_bytes(
+        self, *, path: str | os.PathLike[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(flat bytes, per-record byte offsets [N+1]) when every record holds exactly one bytes value,
         as a ``FixedLenFeature([], tf.string)`` writes it."""
         if self.kind != "bytes":
@@ -46,8 +48,12 @@ class DecodedFeature:
         bad = np.flatnonzero(counts != 1)
         if len(bad):
             i = int(bad[0])
-            raise FormatError(path, f"record holds {int(counts[i])} bytes values, expected exactly 1",
-                              record=i, hint="use row_splits/value_splits for lists of bytes")
+            raise FormatError(
+                path,
+                f"record holds {int(counts[i])} bytes values, expected exactly 1",
+                record=i,
+                hint="use row_splits/value_splits for lists of bytes",
+            )
         return self.values, self.value_splits
 
 
@@ -77,7 +83,11 @@ def decode_examples(
     record (``frame_offsets[i]`` when given, else ``starts[i]``). Feature order is that of first
     appearance; a feature never given a list kind decodes as empty bytes.
     """
-    buf = np.frombuffer(buf, np.uint8) if isinstance(buf, (bytes, bytearray, memoryview)) else np.asarray(buf)
+    buf = (
+        np.frombuffer(buf, np.uint8)
+        if isinstance(buf, (bytes, bytearray, memoryview))
+        else np.asarray(buf)
+    )
     if buf.dtype != np.uint8 or buf.ndim != 1:
         raise ConfigError(f"buf must be a 1-D uint8 array, got {buf.dtype} with shape {buf.shape}")
     starts = np.asarray(starts, dtype=np.int64).ravel()
@@ -95,8 +105,10 @@ def decode_examples(
         spans = _same_bytes(buf, starts, ends, first, plan) or _follow_plan(buf, starts, ends, plan)
         if spans is not None:
             full = np.ones(n, dtype=bool)
-            return {name: _decode_rows(buf, s, t, rec, kind, full, w, name)
-                    for (name, kind, _), (s, t, rec) in zip(plan, spans)}
+            return {
+                name: _decode_rows(buf, s, t, rec, kind, full, w, name)
+                for (name, kind, _), (s, t, rec) in zip(plan, spans)
+            }
     rec = np.arange(n, dtype=np.int64)
 
     # Example.features (field 1); repeated occurrences merge, which is what concatenation means.
@@ -125,7 +137,9 @@ def decode_examples(
     sel = np.flatnonzero((f >= 1) & (f <= 3))
     bad = sel[wt[sel] != 2]
     if len(bad):
-        w.fail(erec[vown[m[bad]]], "Feature list has the wrong wire type (expected length-delimited)")
+        w.fail(
+            erec[vown[m[bad]]], "Feature list has the wrong wire type (expected length-delimited)"
+        )
     own, fk = vown[m[sel]], f[sel]
     ekind = np.zeros(len(es), dtype=np.int64)
     if len(sel):
@@ -149,9 +163,12 @@ def decode_examples(
         kind = int(set_kinds[0]) if len(set_kinds) else 1
         odd = np.flatnonzero((kinds != 0) & (kinds != kind))
         if len(odd):
-            w.fail(erec[ents[odd]], f"feature {name!r} is {_KINDS[int(kinds[odd[0]])]} here but "
-                   f"{_KINDS[kind]} in record {int(erec[ents[kinds == kind][0]])}",
-                   hint="every record must store a feature with the same list type")
+            w.fail(
+                erec[ents[odd]],
+                f"feature {name!r} is {_KINDS[int(kinds[odd[0]])]} here but "
+                f"{_KINDS[kind]} in record {int(erec[ents[kinds == kind][0]])}",
+                hint="every record must store a feature with the same list type",
+            )
         present = np.zeros(n, dtype=bool)
         present[erec[ents]] = True
         lsel = np.flatnonzero(efeat[own] == k)
@@ -167,7 +184,9 @@ def _decode_lists(buf, ls, lt, lrec, kind, present, w, name) -> DecodedFeature:
     allowed = {1: (2,), 2: (2, 5), 3: (0, 2)}[kind]
     bad = ~np.isin(wire, allowed)
     if bad.any():
-        w.fail(rrec[bad], f"feature {name!r}: {_KINDS[kind]} value has wire type {int(wire[bad][0])}")
+        w.fail(
+            rrec[bad], f"feature {name!r}: {_KINDS[kind]} value has wire type {int(wire[bad][0])}"
+        )
     return _decode_rows(buf, s, t, rrec, kind, present, w, name)
 
 
@@ -224,7 +243,10 @@ def _walk(buf, start, stop, rec, w):
             vstop[v2] = q + length.astype(np.int64)
         odd = (wire != 0) & (wire != 1) & (wire != 2) & (wire != 5)
         if odd.any():
-            w.fail(r[odd], f"unsupported wire type {int(wire[odd][0])} (groups are not used by Example)")
+            w.fail(
+                r[odd],
+                f"unsupported wire type {int(wire[odd][0])} (groups are not used by Example)",
+            )
         if np.any(vstop > e):
             w.fail(r[vstop > e], "a fixed-width field runs past the end of its message")
         pos[idx] = vstop
@@ -274,7 +296,9 @@ def _fields(w, recs, field, wire, number: int, what: str) -> np.ndarray:
     sel = np.flatnonzero(field == number)
     bad = sel[wire[sel] != 2]
     if len(bad):
-        w.fail(recs[bad], f"{what} has wire type {int(wire[bad[0]])}, expected 2 (length-delimited)")
+        w.fail(
+            recs[bad], f"{what} has wire type {int(wire[bad[0]])}, expected 2 (length-delimited)"
+        )
     return sel
 
 
@@ -337,21 +361,25 @@ def _decode_varints(b, offs, rrec, w, name) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(out).view(np.int64), np.diff(rank)
 
 
-_CHUNK = 1 << 17
+_CHUNK = 1 << 18
 
 
 def _varint_chunk(c, ends, base, offs, rrec, w, name) -> np.ndarray:
     """Varints of a chunk that starts and ends on a varint boundary (``ends``: terminator bytes)."""
     padded = np.concatenate([np.zeros(10, np.uint8), c])  # a terminator before every chunk
-    val = (c[ends] & 0x7F).astype(np.uint64)
+    val = (c[ends] & 0x7F).astype(np.uint32)
     more = np.ones(len(ends), dtype=bool)
-    # Walk back from each terminator (the most significant group), Horner style.
+    # Walk back from each terminator (the most significant group), Horner style; 32-bit sums
+    # while they fit (4 bytes, 28 bits: every token id), 64-bit beyond.
     for k in range(1, 11):
         byte = padded[10 - k :][ends]
         more &= byte >= 0x80
         if not more.any():
-            return val
-        val = np.where(more, (val << np.uint64(7)) | (byte & 0x7F).astype(np.uint64), val)
+            return val.astype(np.uint64)
+        if k == 4:
+            val = val.astype(np.uint64)
+        low = (byte & 0x7F).astype(val.dtype)
+        val = np.where(more, (val << val.dtype.type(7)) | low, val)
     piece = np.searchsorted(offs, base + ends[more], side="right") - 1
     w.fail(rrec[piece], f"feature {name!r}: varint longer than 10 bytes")
 
@@ -363,7 +391,11 @@ def _key_ids(buf, ks, kt) -> tuple[np.ndarray, list[str]]:
         return np.zeros(0, dtype=np.int64), []
     width = int(sizes.max())
     cols = np.arange(width, dtype=np.int64)
-    mat = buf[np.minimum(ks[:, None] + cols, len(buf) - 1)] if width else np.zeros((len(ks), 0), np.uint8)
+    mat = (
+        buf[np.minimum(ks[:, None] + cols, len(buf) - 1)]
+        if width
+        else np.zeros((len(ks), 0), np.uint8)
+    )
     mat = np.where(cols < sizes[:, None], mat, 0).astype(np.uint8)
     ids = np.full(len(ks), -1, dtype=np.int64)
     names: list[str] = []
@@ -375,9 +407,14 @@ def _key_ids(buf, ks, kt) -> tuple[np.ndarray, list[str]]:
         names.append(bytes(mat[j, : sizes[j]]).decode("utf-8", "backslashreplace"))
         todo = todo[~hit]
     if len(todo):  # many distinct names: sort them instead
-        rows = np.concatenate([sizes[todo, None].astype("<i8").view(np.uint8).reshape(-1, 8), mat[todo]], 1)
-        uniq, first, inv = np.unique(np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel(),
-                                     return_index=True, return_inverse=True)
+        rows = np.concatenate(
+            [sizes[todo, None].astype("<i8").view(np.uint8).reshape(-1, 8), mat[todo]], 1
+        )
+        uniq, first, inv = np.unique(
+            np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel(),
+            return_index=True,
+            return_inverse=True,
+        )
         order = np.argsort(first, kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
@@ -437,8 +474,14 @@ def _plan(rec: bytes) -> list[tuple[str, int, list]] | None:
         lst = kind in (1, 2, 3) and field(value[0], kind << 3 | 2)
         if not lst or lst[1] != value[1] or value[1] != entry[1]:
             return None
-        steps = [("fix", b"\x0a"), ("len", None), ("fix", rec[entry[0] : key[1]] + b"\x12"),
-                 ("len", None), ("fix", bytes([kind << 3 | 2])), ("len", None)]
+        steps = [
+            ("fix", b"\x0a"),
+            ("len", None),
+            ("fix", rec[entry[0] : key[1]] + b"\x12"),
+            ("len", None),
+            ("fix", bytes([kind << 3 | 2])),
+            ("len", None),
+        ]
         u = lst[0]
         while u < lst[1]:
             val = field(u, 0x0A)
@@ -468,7 +511,9 @@ def _same_bytes(buf, starts, ends, first, plan):
     out = []
     for v in vals:
         a, b = np.array(v, dtype=np.int64).reshape(-1, 2).T
-        out.append(((starts[:, None] + a).ravel(), (starts[:, None] + b).ravel(), np.repeat(rec, len(v))))
+        out.append(
+            ((starts[:, None] + a).ravel(), (starts[:, None] + b).ravel(), np.repeat(rec, len(v)))
+        )
     return out
 
 
@@ -505,7 +550,10 @@ def _follow_plan(buf, starts, ends, plan):
                     vals.append((pos.copy(), stop))
                     pos[:] = stop
         if vals:
-            s, t = np.stack([v[0] for v in vals], 1).ravel(), np.stack([v[1] for v in vals], 1).ravel()
+            s, t = (
+                np.stack([v[0] for v in vals], 1).ravel(),
+                np.stack([v[1] for v in vals], 1).ravel(),
+            )
             spans.append((s, t, np.repeat(rec, len(vals))))
         else:
             spans.append((rec[:0], rec[:0], rec[:0]))
@@ -523,7 +571,7 @@ def _read_len(buf, pos, ends, out):
         stop = out + b
         return bool(np.all(stop <= ends)), stop
     try:
-        val, nxt = _varints_at(buf, pos, ends, pos, _Where(None, pos))
+        val, nxt = _varints_at(buf, pos, ends, np.zeros_like(pos), _Where(None, pos[:1]))
     except FormatError:
         return False, None
     out[:] = nxt
