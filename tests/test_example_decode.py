@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats import example_decode
+from dlpipe.formats import example_decode, example_layout
 from dlpipe.formats.example_decode import DecodedFeature, decode_examples
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -315,14 +315,14 @@ def test_hand_encoder_agrees_with_tensorflow(tf, records, value_first):
 
 
 def _decode_general(records: list[bytes]) -> dict[str, DecodedFeature] | FormatError:
-    plan = example_decode._plan
-    example_decode._plan = lambda rec: None
+    plan = example_layout.plan
+    example_layout.plan = lambda rec: None
     try:
         return decode_list(records)
     except FormatError as e:
         return e
     finally:
-        example_decode._plan = plan
+        example_layout.plan = plan
 
 
 @given(datasets(), st.data())
