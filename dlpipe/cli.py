@@ -120,8 +120,9 @@ def _padding_options(f):
 @click.option("--no-strip", is_flag=True, help="Keep every column fixed-length (no padding to remove).")
 @click.option("--keep-mask", is_flag=True, help="Also store the mask/lengths column (derivable, so dropped by "
               "default).")
-@click.option("--int-encoding", type=click.Choice(["raw", "int64_list"]), default="raw", show_default=True,
-              help="raw: narrowest lossless little-endian bytes (small, fast); int64_list: TF-native ints.")
+@click.option("--int-encoding", type=click.Choice(["auto", "raw", "int64_list"]), default="auto",
+              show_default=True, help="raw: narrowest lossless little-endian values (fastest to read); "
+              "int64_list: TF-native varints; auto: whichever is smaller for each integer column.")
 @click.option("--overwrite", is_flag=True, help="Replace dlpipe output already in DIR.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @_debug_option

@@ -82,18 +82,55 @@ def narrowest_dtype(dtype: np.dtype, lo, hi) -> np.dtype:
     raise ConfigError(f"cannot store dtype {dtype}; dlpipe stores integer, float and bool columns")
 
 
+def varint_bytes_total(data: np.ndarray) -> int:
+    """Bytes the values of an integer array take as protobuf varints (negatives take 10)."""
+    if data.size == 0:
+        return 0
+    v = data.ravel()
+    total = v.size
+    if v.dtype.kind == "i":
+        negative = int(np.count_nonzero(v < 0))
+        total += 9 * negative
+        if negative:
+            v = v[v >= 0]
+    hi = int(v.max()) if v.size else 0
+    k = 1
+    while k < 10 and hi >= 1 << (7 * k):
+        total += int(np.count_nonzero(v >= (1 << (7 * k))))
+        k += 1
+    return total
+
+
 def choose_encoding(
-    name: str, dtype: np.dtype, shape: tuple[int | None, ...], lo, hi, *, int_encoding: str = "raw"
+    name: str,
+    dtype: np.dtype,
+    shape: tuple[int | None, ...],
+    lo,
+    hi,
+    *,
+    int_encoding: str = "auto",
+    num_values: int = 0,
+    varint_bytes: int | None = None,
 ) -> ColumnEncoding:
     """Pick storage dtype and encoding for a column from its value range.
 
-    ``int_encoding="int64_list"`` stores integers as TF-native int64 lists (bigger, but readable
-    with a plain ``tf.io.VarLenFeature(tf.int64)``); floats then go to float_list when float32.
+    ``raw``: little-endian values of the narrowest lossless dtype (fastest to decode).
+    ``int64_list``: TF-native varints, readable with a plain ``tf.io.VarLenFeature(tf.int64)``
+    (floats then go to float_list when float32). ``auto``: per integer column, whichever is
+    smaller for the data (``num_values`` real values taking ``varint_bytes`` as varints): a few
+    large values, such as rare code points above 2**16, make the narrowest dtype wide for every
+    value while varints spend one byte on each small one.
     """
-    if int_encoding not in ("raw", "int64_list"):
-        raise ConfigError(f"int_encoding={int_encoding!r}; use 'raw' or 'int64_list'")
+    if int_encoding not in ("auto", "raw", "int64_list"):
+        raise ConfigError(f"int_encoding={int_encoding!r}; use 'auto', 'raw' or 'int64_list'")
     dtype = np.dtype(dtype)
     storage = narrowest_dtype(dtype, lo, hi)
+    if int_encoding == "auto":
+        small = varint_bytes is not None and varint_bytes < num_values * storage.itemsize
+        fits = not (dtype == np.uint64 and hi is not None and int(hi) >= 2**63)
+        if dtype.kind in "iu" and small and fits:
+            return ColumnEncoding(name, dtype.name, tuple(shape), "int64", "int64_list")
+        return ColumnEncoding(name, dtype.name, tuple(shape), storage.name, "raw")
     encoding = "raw"
     if int_encoding == "int64_list":
         if dtype.kind in "iub":

@@ -28,9 +28,9 @@ import numpy as np
 
 from dlpipe import shards as shard_formats
 from dlpipe._units import format_bytes, parse_size
-from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding
+from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding, varint_bytes_total
 from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
-from dlpipe.formats.packing import flat_rows, steps
+from dlpipe.formats.packing import flat_rows, steps, varint_size
 from dlpipe.manifest import MANIFEST, ShardInfo, build_manifest, write_json_atomic
 from dlpipe.output_dir import STATE_DIR, prepare_output, remove_temporaries
 from dlpipe.padding import (
@@ -115,7 +115,7 @@ def reshard(
     padding_side: str = "auto",
     sequence_columns: Sequence[str] | None = None,
     keep_mask: bool = False,
-    int_encoding: str = "raw",
+    int_encoding: str = "auto",
     layout: str | None = None,
     header_bytes: int = 0,
     source_compression: str | None = None,
@@ -172,9 +172,9 @@ def reshard(
     if workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))
     try:
-        lengths, ranges, pads = _scan(job, pool, show)
-        encodings = _encodings(source, spec, out_names, ranges, int_encoding)
+        (lengths, is_left), ranges, varints, pads = _scan(job, pool, show)
         pad_value = _check_pad_values(spec, pads, source)
+        encodings = _encodings(source, spec, out_names, ranges, int_encoding, lengths, varints, pad_value)
 
         order = record_order(n, shuffle=shuffle, seed=seed)
         ordered_lengths = lengths if order is None else lengths[order]
@@ -199,7 +199,7 @@ def reshard(
         stats = dict(done)
         with Progress(n, "write", enabled=show) as bar:
             bar.update(sum(s.num_records for s in done.values()))
-            for task, info in zip(todo, _run(pool, job, _write_shard_task, [(t, _task_rows(t, bounds, order), encodings) for t in todo])):
+            for task, info in zip(todo, _run(pool, job, _write_shard_task, [_task_args(t, bounds, order, encodings, lengths, is_left) for t in todo])):
                 stats[task.filename] = info
                 bar.update(task.num_records)
 
@@ -229,15 +229,14 @@ def reshard(
 
 
 def _pool_context():
-    """fork when it is safe (no framework threads in this process): fastest, and works from
-    scripts without a ``__main__`` guard; otherwise forkserver (or spawn)."""
-    import threading
-
-    methods = multiprocessing.get_all_start_methods()
-    frameworks = {"tensorflow", "torch", "jax"} & set(sys.modules)
-    if "fork" in methods and not frameworks and threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    """fork where the platform has it, as PyTorch's DataLoader does: workers start in
+    milliseconds and need no ``__main__`` guard. Workers run only numpy and file I/O, so the
+    threads of a framework imported by the parent do not matter to them. ``DLPIPE_START_METHOD``
+    overrides it (spawn, forkserver)."""
+    method = os.environ.get("DLPIPE_START_METHOD")
+    if method is None:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
 
 
 def _run(pool, job: _Job, fn: Callable, args: list) -> Iterator:
@@ -252,7 +251,7 @@ def _run(pool, job: _Job, fn: Callable, args: list) -> Iterator:
 # scan
 
 
-def _scan_range(bounds: tuple[int, int]) -> tuple[np.ndarray, dict, dict]:
+def _scan_range(bounds: tuple[int, int]) -> tuple[np.ndarray, dict, dict, dict]:
     job = _JOB
     start, stop = bounds
     chunk = job.source.read(start, stop)
@@ -264,18 +263,24 @@ def _scan_range(bounds: tuple[int, int]) -> tuple[np.ndarray, dict, dict]:
         for name, data in chunk.items()
         if data.dtype.kind in "iub" and data.size
     }
+    # varint bytes of every integer value, padding included; the engine subtracts the padding
+    varints = {name: varint_bytes_total(data) for name, data in chunk.items() if data.dtype.kind in "iu"}
     pads = pad_values(chunk, job.spec, lengths, is_left)
-    return lengths.astype(np.int32), ranges, {k: (start, v) for k, v in pads.items()}
+    return (lengths.astype(np.int32), is_left), ranges, varints, {k: (start, v) for k, v in pads.items()}
 
 
-def _scan(job: _Job, pool, show: bool) -> tuple[np.ndarray, dict, dict]:
+def _scan(job: _Job, pool, show: bool) -> tuple[tuple[np.ndarray, np.ndarray], dict, dict, dict]:
+    """Every record's length and padding side, value ranges, varint sizes and pad values."""
     n = job.source.num_records
     step = job.chunk_rows * 4
     parts = [(a, min(n, a + step)) for a in range(0, n, step)]
-    lengths, ranges, pads = [], {}, {}
+    lengths, lefts, ranges, varints, pads = [], [], {}, {}, {}
     with Progress(n, "scan", enabled=show) as bar:
-        for (a, b), (lens, rng, pad) in zip(parts, _run(pool, job, _scan_range, parts)):
+        for (a, b), ((lens, left), rng, vb, pad) in zip(parts, _run(pool, job, _scan_range, parts)):
             lengths.append(lens)
+            lefts.append(left)
+            for name, v in vb.items():
+                varints[name] = varints.get(name, 0) + v
             for name, r in rng.items():
                 if r is None:
                     continue
@@ -285,16 +290,28 @@ def _scan(job: _Job, pool, show: bool) -> tuple[np.ndarray, dict, dict]:
                 pads.setdefault(name, []).append(v)
             bar.update(b - a)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
-    return all_lengths, ranges, pads
+    all_left = np.concatenate(lefts) if lefts else np.zeros(0, bool)
+    return (all_lengths, all_left), ranges, varints, pads
 
 
-def _encodings(source, spec, names, ranges, int_encoding) -> dict[str, ColumnEncoding]:
+def _encodings(source, spec, names, ranges, int_encoding, lengths, varints, pad_value) -> dict[str, ColumnEncoding]:
     out = {}
+    n = source.num_records
+    real_steps = int(lengths.sum(dtype=np.int64))
     for name in names:
         col = source.columns[name]
-        shape = ((None, *col.shape[1:]) if name in spec.sequence_columns else col.shape)
+        variable = name in spec.sequence_columns
+        shape = (None, *col.shape[1:]) if variable else col.shape
+        inner = col.width // col.shape[0] if variable and col.shape[0] else max(col.width, 1)
+        num_values = real_steps * inner if variable else n * col.width
+        vb = varints.get(name)
+        if vb is not None and variable:  # take the padding's varints back out
+            pad = pad_value.get(name) or 0
+            pad_size = 10 if pad < 0 else int(varint_size(np.array([pad]))[0])
+            vb -= (n * spec.max_length - real_steps) * inner * pad_size
         lo, hi = ranges.get(name, (None, None))
-        out[name] = choose_encoding(name, col.dtype, shape, lo, hi, int_encoding=int_encoding)
+        out[name] = choose_encoding(name, col.dtype, shape, lo, hi, int_encoding=int_encoding,
+                                    num_values=num_values, varint_bytes=vb)
     return out
 
 
@@ -360,24 +377,27 @@ def _column_stats(spec, encodings, lengths, pad_value) -> dict[str, dict]:
 # write
 
 
-def _task_rows(task: ShardTask, bounds, order) -> tuple[int, int] | np.ndarray:
+def _task_args(task: ShardTask, bounds, order, encodings, lengths, is_left):
+    """What one write task needs: its records (a range, or ids when shuffled) and their lengths."""
     lo = bounds[task.split][0]
     if order is None:
-        return (lo + task.start, lo + task.stop)
-    return order[lo + task.start : lo + task.stop]
+        a, b = lo + task.start, lo + task.stop
+        return task, (a, b), encodings, lengths[a:b], is_left[a:b]
+    ids = order[lo + task.start : lo + task.stop]
+    return task, ids, encodings, lengths[ids], is_left[ids]
 
 
-def _batches(job: _Job, rows) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """(record ids, source columns) in chunks of the job's chunk size."""
+def _batches(job: _Job, rows) -> Iterator[tuple[slice, np.ndarray, dict[str, np.ndarray]]]:
+    """(positions within the task, record ids, source columns) in chunks of the job's chunk size."""
     if isinstance(rows, tuple):
         start, stop = rows
         for a in range(start, stop, job.chunk_rows):
             b = min(stop, a + job.chunk_rows)
-            yield np.arange(a, b, dtype=np.int64), job.source.read(a, b)
+            yield slice(a - start, b - start), np.arange(a, b, dtype=np.int64), job.source.read(a, b)
     else:
         for a in range(0, len(rows), job.chunk_rows):
             ids = rows[a : a + job.chunk_rows]
-            yield ids, job.source.take(ids)
+            yield slice(a, a + len(ids)), ids, job.source.take(ids)
 
 
 def to_batch(chunk, spec: PaddingSpec, encodings, lengths, is_left) -> dict[str, ColumnBatch]:
@@ -387,7 +407,9 @@ def to_batch(chunk, spec: PaddingSpec, encodings, lengths, is_left) -> dict[str,
         data = chunk[name]
         storage = np.dtype(enc.storage_dtype)
         if enc.variable:
-            data = left_align(steps(data, spec.max_length), lengths, is_left)
+            # only the chunk's longest record matters: narrower blocks make every later pass cheaper
+            longest = int(lengths.max()) if len(lengths) else 0
+            data = left_align(steps(data, spec.max_length), lengths, is_left)[:, :longest]
             batch[name] = ColumnBatch(flat_rows(data).astype(storage, copy=False), lengths * enc.inner)
         else:
             batch[name] = ColumnBatch(flat_rows(data).astype(storage, copy=False), None)
@@ -411,7 +433,7 @@ class _HashingWriter:
 
 
 def _write_shard_task(args) -> ShardInfo:
-    task, rows, encodings = args
+    task, rows, encodings, task_lengths, task_left = args
     job = _JOB
     final = os.path.join(job.output, task.filename)
     tmp = os.path.join(job.output, f".{task.filename}.tmp")
@@ -421,8 +443,8 @@ def _write_shard_task(args) -> ShardInfo:
         with open(tmp, "wb") as raw:
             hashed = _HashingWriter(raw)
             out = shard_formats_stream(hashed, job)
-            for ids, chunk in _batches(job, rows):
-                lengths, is_left = record_lengths(chunk, job.spec, path=job.source.paths[0], first_record=int(ids[0]))
+            for where, ids, chunk in _batches(job, rows):
+                lengths, is_left = task_lengths[where].astype(np.int64), task_left[where]
                 batch = to_batch(chunk, job.spec, encodings, lengths, is_left)
                 buf, offsets = shard_formats.encode_batch(job.fmt, batch, encodings, ids)
                 out.write(memoryview(buf))

@@ -76,7 +76,9 @@ def resolve_padding(
         int_widths = [c.shape[0] for c in one_d.values() if c.dtype.kind in "iu"]
         width = max(int_widths, default=0)
         told = pad_id is not None or lengths_column is not None
-        seq = tuple(n for n, c in one_d.items() if c.shape[0] == width and (width > 1 or told) and width)
+        # without a mask to follow, only integer columns (token ids) are taken for padded ones
+        seq = tuple(n for n, c in one_d.items()
+                    if c.dtype.kind in "iu" and c.shape[0] == width and (width > 1 or told) and width)
 
     dropped = () if keep_mask else helpers
     if not seq:

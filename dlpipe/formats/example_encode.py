@@ -65,12 +65,12 @@ def int64_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None) 
     data = flat_rows(data)
     if data.dtype == np.uint64 and data.size and int(data.max()) >= 2**63:
         raise ValueError(f"column {name!r} has uint64 values >= 2**63 that int64_list cannot hold")
-    groups, size = varint_bytes(data.astype(np.int64))
-    width = data.shape[1]
+    groups, size = varint_bytes(data if data.dtype != np.uint64 else data.astype(np.int64))
+    size = size.astype(np.uint8)
+    width, w = data.shape[1], groups.shape[-1]
     if elem_lengths is not None:
-        size = np.where(np.arange(width)[None, :] < elem_lengths[:, None], size, 0)
-    w = groups.shape[-1]
-    mask = np.arange(w)[None, None, :] < size[..., None]
+        size *= np.arange(width)[None, :] < elem_lengths[:, None]
+    mask = size[..., None] > np.arange(w, dtype=np.uint8)
     piece = Piece(groups.reshape(n, width * w), mask.reshape(n, width * w))
     return FeaturePayload(name, "int64", piece, size.sum(axis=1, dtype=np.int64))
 

@@ -50,13 +50,27 @@ def prefix(block: np.ndarray, lengths: np.ndarray) -> Piece:
     return Piece(block, np.arange(w, dtype=np.int64)[None, :] < lengths[:, None])
 
 
+def _unsigned(values: np.ndarray) -> np.ndarray:
+    """Values as the narrowest unsigned type that holds them (negative int64: two's complement)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "u":
+        return values
+    if values.size and values.min() < 0:
+        return values.astype(np.int64).view(np.uint64)
+    hi = int(values.max()) if values.size else 0
+    return values.astype(np.uint32 if hi < 2**32 else np.uint64, copy=False)
+
+
 def varint_size(values: np.ndarray) -> np.ndarray:
-    """Bytes of the protobuf varint of each non-negative value (1..10)."""
-    u = values.astype(np.uint64, copy=False)
-    size = np.ones(u.shape, dtype=np.int64)
-    for k in range(1, 10):
-        size += u >= np.uint64(1 << (7 * k))
-    return size
+    """Bytes of the protobuf varint of each value (1..10), with only the passes its range needs."""
+    u = _unsigned(values)
+    size = np.ones(u.shape, dtype=np.uint8)
+    hi = int(u.max()) if u.size else 0
+    k = 1
+    while k < 10 and hi >= 1 << (7 * k):
+        size += u >= u.dtype.type(1 << (7 * k))
+        k += 1
+    return size.astype(np.int64)
 
 
 def varint_bytes(values: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -64,16 +78,17 @@ def varint_bytes(values: np.ndarray, width: int | None = None) -> tuple[np.ndarr
 
     Negative int64 values are encoded as protobuf does: ten bytes of two's complement.
     """
-    values = np.asarray(values)
-    u = values.view(np.uint64) if values.dtype == np.int64 else values.astype(np.uint64)
+    u = _unsigned(values)
     size = varint_size(u)
     if width is None:
         width = int(size.max()) if size.size else 1
-    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
-    groups = ((u[..., None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
-    k = np.arange(width, dtype=np.int64)
-    groups |= np.where(k < (size[..., None] - 1), np.uint8(0x80), np.uint8(0))
-    return groups, size
+    out = np.empty((*u.shape, width), dtype=np.uint8)
+    for k in range(width):
+        group = (u >> u.dtype.type(7 * k)) if k else u
+        out[..., k] = (group & u.dtype.type(0x7F)).astype(np.uint8)
+        if k < width - 1:
+            out[..., k] |= (size > k + 1).view(np.uint8) << np.uint8(7)
+    return out, size
 
 
 def varint(values: np.ndarray) -> Piece:
