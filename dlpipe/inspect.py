@@ -93,7 +93,8 @@ def describe_dataset(root: str) -> str:
     lines = [f"dlpipe dataset {root} ({info.format}, compression {comp}, made by dlpipe {raw['version']})"]
     for split, entry in info.raw["splits"].items():
         shards = info.split_shards(split)
-        lines.append(f"  split {split}: {entry['num_examples']:,} records in {len(shards)} shards, "
+        lines.append(f"  split {split}: {entry['num_examples']:,} records in {len(shards)} "
+                     f"shard{'s' if len(shards) != 1 else ''}, "
                      f"{format_bytes(entry['num_bytes'])}")
     lines.append("  columns:")
     for name, c in raw["columns"].items():
