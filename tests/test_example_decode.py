@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protowire import ld, varint
 
 from dlpipe.errors import ConfigError, FormatError
 from dlpipe.formats import example_decode, example_layout
@@ -17,22 +18,6 @@ from dlpipe.formats.example_decode import DecodedFeature, decode_examples
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("int64", "float", "bytes")
 FIELD = {"bytes": 1, "float": 2, "int64": 3}  # Feature.kind oneof members
-
-
-# A protobuf encoder written out by hand, so tests can produce what TensorFlow never writes:
-# unpacked lists, keys after values, unknown fields, repeated and merged fields.
-def varint(x: int) -> bytes:
-    x &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        out.append((x & 0x7F) | (0x80 if x > 0x7F else 0))
-        x >>= 7
-        if not x:
-            return bytes(out)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 def encode_list(kind: str, values, packed: bool = True) -> bytes:

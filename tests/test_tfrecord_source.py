@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protowire import ld, varint
 
 from dlpipe.errors import ConfigError, FormatError
 from dlpipe.formats.tfrecord import frame_records
@@ -22,20 +23,6 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-
-
-def varint(x: int) -> bytes:
-    x &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        out.append((x & 0x7F) | (0x80 if x > 0x7F else 0))
-        x >>= 7
-        if not x:
-            return bytes(out)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 def example(ids=None, weights=None, blob=None) -> bytes:
