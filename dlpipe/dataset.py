@@ -32,6 +32,7 @@ class ShardDataset:
             if c not in info.columns:
                 raise ConfigError(f"column {c!r} is not in {info.root}; columns: {', '.join(info.columns)}")
         self.shuffle_seed: int | None = None
+        self.seed_given = False
         self.buffer_size = 1000
         self.epoch = 0
 
@@ -70,7 +71,9 @@ class ShardDataset:
         if buffer_size < 1:
             raise ConfigError(f"buffer_size={buffer_size}; must be >= 1")
         out = copy.copy(self)
+        # as HF: no seed draws one; loaders refuse that under several ranks, which must agree
         out.shuffle_seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
+        out.seed_given = seed is not None
         out.buffer_size = buffer_size
         return out
 

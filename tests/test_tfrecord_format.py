@@ -76,3 +76,11 @@ def test_decompress_errors_are_format_errors(tmp_path):
     path.write_bytes(zlib.compress(b"abc")[:3])
     with pytest.raises(FormatError):
         tfrecord.read_decompressed(path, "zlib")
+
+
+def test_length_crc_is_checked_given_offsets():
+    buf, offsets = _frame([b"abc", b"defgh"])
+    bad = buf.copy()
+    bad[offsets[1] + 9] ^= 0x01  # inside record 1's length CRC
+    with pytest.raises(FormatError, match=r"\(record 1\).*length CRC"):
+        tfrecord.check_frame_crcs(bad, offsets, path="s.tfrecord")

@@ -247,6 +247,14 @@ def check_frame_crcs(buf: np.ndarray, frame_offsets: np.ndarray, *, path=None) -
         i = int(bad[0])
         raise FormatError(path, "record length disagrees with the index", offset=int(frame_offsets[i]),
                           record=i, hint="the shard or its .index file is corrupt")
+    uniq, inverse = np.unique(lengths, return_inverse=True)
+    length_crc = _length_crcs(uniq)[inverse]
+    stored = buf[(frame_offsets[:-1, None] + np.arange(8, 12)).ravel()].reshape(n, 4).copy().view("<u4").ravel()
+    bad = np.flatnonzero(stored != length_crc)
+    if len(bad):
+        i = int(bad[0])
+        raise FormatError(path, "record length CRC mismatch (corrupt data)", offset=int(frame_offsets[i]),
+                          record=i, hint="re-create the shard (rerun the reshard)")
     data_crc = _mask(crc32c_many(buf, starts, ends))
     stored = buf[(ends[:, None] + np.arange(4)).ravel()].reshape(n, 4).copy().view("<u4").ravel()
     bad = np.flatnonzero(stored != data_crc)

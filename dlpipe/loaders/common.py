@@ -79,6 +79,13 @@ class ShardReader:
         return self._buf[1]
 
     def read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
+        try:
+            return self._read(shard, start, stop)
+        except FormatError as e:  # number records from the start of the shard, not of the range
+            record = None if e.record is None else e.record + start
+            raise type(e)(e.path, e.detail, offset=e.offset, record=record, hint=e.hint) from None
+
+    def _read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
         path = os.path.join(self.info.root, shard.path)
         table = self.index(shard)[start:stop]
         buf = self._buffer(path)
