@@ -31,6 +31,7 @@ from dlpipe._units import format_bytes, parse_size
 from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding, varint_bytes_total
 from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
 from dlpipe.formats.packing import flat_rows, steps, varint_size
+from dlpipe.formats.tfrecord import index_lines
 from dlpipe.manifest import MANIFEST, ShardInfo, build_manifest, write_json_atomic
 from dlpipe.output_dir import STATE_DIR, prepare_output, remove_temporaries
 from dlpipe.padding import (
@@ -85,6 +86,7 @@ class _Job:
     compression: str | None
     output: str
     chunk_rows: int
+    workers: int = 1
 
 
 _JOB: _Job | None = None
@@ -167,7 +169,7 @@ def reshard(
     show = sys.stderr.isatty() if progress is None else progress
     n = source.num_records
 
-    job = _Job(source, spec, format, compression, output, chunk_rows)
+    job = _Job(source, spec, format, compression, output, chunk_rows, workers)
     pool = None
     if workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))
@@ -178,10 +180,12 @@ def reshard(
 
         order = record_order(n, shuffle=shuffle, seed=seed)
         ordered_lengths = lengths if order is None else lengths[order]
-        costs = _record_costs(ordered_lengths, encodings, balance_by)
+        scale, offset = _record_cost(encodings, balance_by)
         bounds = split_bounds(n, fractions)
-        tasks = plan_shards(costs, bounds, suffix=shard_formats.suffix(format, compression),
-                            num_shards=num_shards, shard_size=shard_bytes, multiple_of=num_shards_multiple_of)
+        tasks = plan_shards(ordered_lengths, bounds, suffix=shard_formats.suffix(format, compression),
+                            num_shards=num_shards, shard_size=shard_bytes, multiple_of=num_shards_multiple_of,
+                            scale=scale, offset=offset)
+        del ordered_lengths
         plan = {
             "num_shards": len(tasks), "shuffle": shuffle, "seed": seed if shuffle else None,
             "splits": fractions, "balance_by": balance_by, "int_encoding": int_encoding,
@@ -272,7 +276,8 @@ def _scan_range(bounds: tuple[int, int]) -> tuple[np.ndarray, dict, dict, dict]:
 def _scan(job: _Job, pool, show: bool) -> tuple[tuple[np.ndarray, np.ndarray], dict, dict, dict]:
     """Every record's length and padding side, value ranges, varint sizes and pad values."""
     n = job.source.num_records
-    step = job.chunk_rows * 4
+    # enough parts that workers finish together, few enough that each is worth a task
+    step = max(job.chunk_rows // 2, min(job.chunk_rows * 4, -(-n // (8 * job.workers)) if n else 1))
     parts = [(a, min(n, a + step)) for a in range(0, n, step)]
     lengths, lefts, ranges, varints, pads = [], [], {}, {}, {}
     with Progress(n, "scan", enabled=show) as bar:
@@ -290,6 +295,8 @@ def _scan(job: _Job, pool, show: bool) -> tuple[tuple[np.ndarray, np.ndarray], d
                 pads.setdefault(name, []).append(v)
             bar.update(b - a)
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    # one length per record stays in memory: keep it as narrow as the padded width allows
+    all_lengths = all_lengths.astype(np.min_scalar_type(max(job.spec.max_length, 1)))
     all_left = np.concatenate(lefts) if lefts else np.zeros(0, bool)
     return (all_lengths, all_left), ranges, varints, pads
 
@@ -338,18 +345,21 @@ def _check_pad_values(spec: PaddingSpec, pads: dict, source: Source) -> dict:
     return out
 
 
-def _record_costs(lengths: np.ndarray, encodings: dict[str, ColumnEncoding], balance_by: str) -> np.ndarray:
+def _record_cost(encodings: dict[str, ColumnEncoding], balance_by: str) -> tuple[float, float]:
+    """(scale, offset): a record of length L costs about ``L * scale + offset`` bytes (or tokens)."""
     if balance_by == "tokens":
-        return lengths.astype(np.float64)
+        return 1.0, 0.0
     fixed = _EXAMPLE_OVERHEAD
     per_step = 0
     for enc in encodings.values():
         size = np.dtype(enc.storage_dtype).itemsize * enc.inner
+        if enc.encoding == "int64_list":
+            size = enc.inner  # varints: about a byte for small ids
         if enc.variable:
             per_step += size
         else:
             fixed += size
-    return lengths.astype(np.float64) * per_step + fixed
+    return float(per_step), float(fixed)
 
 
 def _column_stats(spec, encodings, lengths, pad_value) -> dict[str, dict]:
@@ -439,8 +449,8 @@ def _write_shard_task(args) -> ShardInfo:
     tmp = os.path.join(job.output, f".{task.filename}.tmp")
     index_tmp = os.path.join(job.output, f".{task.filename}.index.tmp")
     try:
-        tokens, offset, index = 0, 0, []
-        with open(tmp, "wb") as raw:
+        tokens, offset = 0, 0
+        with open(tmp, "wb") as raw, open(index_tmp, "w") as index_file:
             hashed = _HashingWriter(raw)
             out = shard_formats_stream(hashed, job)
             for where, ids, chunk in _batches(job, rows):
@@ -448,7 +458,7 @@ def _write_shard_task(args) -> ShardInfo:
                 batch = to_batch(chunk, job.spec, encodings, lengths, is_left)
                 buf, offsets = shard_formats.encode_batch(job.fmt, batch, encodings, ids)
                 out.write(memoryview(buf))
-                index.append(np.stack([offsets[:-1] + offset, np.diff(offsets)], axis=1))
+                index_file.write(index_lines(offsets, offset))
                 offset += len(buf)
                 tokens += int(lengths.sum())
             out.write(shard_formats.trailer(job.fmt))
@@ -456,9 +466,6 @@ def _write_shard_task(args) -> ShardInfo:
                 out.close()
             raw.flush()
             os.fsync(raw.fileno())
-        rows_idx = np.concatenate(index) if index else np.zeros((0, 2), np.int64)
-        with open(index_tmp, "w") as f:
-            f.write(("%d %d\n" * len(rows_idx)) % tuple(rows_idx.ravel().tolist()))
         os.replace(index_tmp, final + ".index")
         os.replace(tmp, final)
         info = ShardInfo(task.split, task.filename, task.filename + ".index", task.num_records,

@@ -72,7 +72,8 @@ def record_order(num_records: int, *, shuffle: bool, seed: int) -> np.ndarray | 
     """The global permutation written to shards, or None for source order."""
     if not shuffle:
         return None
-    return np.random.default_rng(seed).permutation(num_records)
+    order = np.random.default_rng(seed).permutation(num_records)
+    return order.astype(np.uint32) if num_records < 2**32 else order
 
 
 def shard_count(
@@ -89,24 +90,40 @@ def shard_count(
     return math.ceil(n / multiple_of) * multiple_of
 
 
-def balance(costs: np.ndarray, num_shards: int) -> np.ndarray:
-    """num_shards+1 boundaries cutting ``costs`` (in order) into runs of near-equal total cost."""
-    n = len(costs)
+def balance(lengths: np.ndarray, num_shards: int, *, scale: float = 1.0, offset: float = 0.0,
+            chunk: int = 1 << 20) -> np.ndarray:
+    """num_shards+1 boundaries cutting records (in order) into runs of near-equal total cost,
+    where record i costs ``lengths[i] * scale + offset``.
+
+    Each cut is the record boundary nearest to its share of the total. Running sums are built a
+    chunk at a time, so memory stays flat however many records there are. No shard is left
+    empty while another holds several records.
+    """
+    n = len(lengths)
     if n == 0:
         return np.zeros(num_shards + 1, dtype=np.int64)
-    cum = np.cumsum(costs, dtype=np.float64)
-    targets = cum[-1] * np.arange(1, num_shards) / num_shards
-    # cut where the running cost first reaches each target (nearest boundary of the two)
-    idx = np.searchsorted(cum, targets, side="left")
-    prev = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
-    take_prev = np.abs(prev - targets) <= np.abs(cum[np.minimum(idx, n - 1)] - targets)
-    cuts = np.where(take_prev, idx, idx + 1)
+    total = scale * float(np.sum(lengths, dtype=np.float64)) + offset * n
+    targets = total * np.arange(1, num_shards) / num_shards
+    cuts = np.empty(num_shards - 1, dtype=np.int64)
+    done, base = 0, 0.0
+    for a in range(0, n, chunk):
+        part = lengths[a : a + chunk]
+        cum = base + np.cumsum(part * scale + offset, dtype=np.float64)
+        last = a + chunk >= n
+        upto = len(targets) if last else int(np.searchsorted(targets, cum[-1], side="right"))
+        if upto > done:
+            t = targets[done:upto]
+            idx = np.minimum(np.searchsorted(cum, t, side="left"), len(cum) - 1)
+            prev = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], base)
+            take_prev = np.abs(prev - t) <= np.abs(cum[idx] - t)
+            cuts[done:upto] = a + np.where(take_prev, idx, idx + 1)
+            done = upto
+        base = float(cum[-1])
     cuts = np.clip(np.maximum.accumulate(cuts), 0, n)
-    if n >= num_shards:  # no shard may be empty while others hold several records
+    if n >= num_shards:
         # cut i - i must be non-decreasing, within [0, n - num_shards]: cuts rise by >= 1
         i = np.arange(1, num_shards)
-        slack = np.clip(np.maximum.accumulate(cuts - i), 0, n - num_shards)
-        cuts = slack + i
+        cuts = np.clip(np.maximum.accumulate(cuts - i), 0, n - num_shards) + i
     return np.concatenate([[0], cuts, [n]]).astype(np.int64)
 
 
@@ -115,20 +132,23 @@ def shard_name(split: str, shard: int, num_shards: int, suffix: str) -> str:
 
 
 def plan_shards(
-    costs: np.ndarray,
+    lengths: np.ndarray,
     bounds: Mapping[str, tuple[int, int]],
     *,
     suffix: str,
     num_shards: int | None,
     shard_size: int | None,
     multiple_of: int,
+    scale: float = 1.0,
+    offset: float = 0.0,
 ) -> list[ShardTask]:
-    """Shard tasks for every split. ``costs`` is per record, in record order.
+    """Shard tasks for every split. Record i (in record order) costs ``lengths[i] * scale + offset``.
 
     With ``num_shards``, the largest split gets that many shards and the others a share in
     proportion to their cost (at least one, and a multiple of ``multiple_of``).
     """
-    totals = {s: float(costs[lo:hi].sum()) for s, (lo, hi) in bounds.items()}
+    totals = {s: scale * float(np.sum(lengths[lo:hi], dtype=np.float64)) + offset * (hi - lo)
+              for s, (lo, hi) in bounds.items()}
     biggest = max(totals.values(), default=0.0) or 1.0
     tasks: list[ShardTask] = []
     for split, (lo, hi) in bounds.items():
@@ -139,7 +159,7 @@ def plan_shards(
             count = shard_count(0, num_shards=want, shard_size=None, multiple_of=multiple_of)
         else:
             count = shard_count(totals[split], num_shards=None, shard_size=shard_size, multiple_of=multiple_of)
-        cuts = balance(costs[lo:hi], count)
+        cuts = balance(lengths[lo:hi], count, scale=scale, offset=offset)
         for i in range(count):
             tasks.append(ShardTask(split, i, count, shard_name(split, i, count, suffix), int(cuts[i]), int(cuts[i + 1])))
     return tasks

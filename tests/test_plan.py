@@ -12,6 +12,7 @@ from dlpipe.plan import balance, parse_splits, plan_shards, split_bounds
 def test_balance_covers_every_record_once_and_evenly(costs, k):
     costs = np.array(costs, dtype=np.float64)
     cuts = balance(costs, k)
+    assert np.array_equal(cuts, balance(costs, k, chunk=7))  # chunked sums cut in the same places
     assert cuts[0] == 0 and cuts[-1] == len(costs) and np.all(np.diff(cuts) >= 0) and len(cuts) == k + 1
     if len(costs) >= k:
         assert np.all(np.diff(cuts) >= 1)  # no empty shard while another holds several
@@ -22,8 +23,7 @@ def test_balance_covers_every_record_once_and_evenly(costs, k):
 
 
 def test_multiple_of_and_names():
-    costs = np.ones(100)
-    tasks = plan_shards(costs, split_bounds(100, {"train": 0.8, "validation": 0.2}), suffix=".tfrecord",
+    tasks = plan_shards(np.ones(100), split_bounds(100, {"train": 0.8, "validation": 0.2}), suffix=".tfrecord",
                         num_shards=5, shard_size=None, multiple_of=4)
     train = [t for t in tasks if t.split == "train"]
     assert len(train) == 8 and train[0].filename == "train-00000-of-00008.tfrecord"

@@ -21,11 +21,11 @@ import numpy as np
 
 from dlpipe.formats.packing import (
     Piece,
+    Ragged,
     constant,
     flat_rows,
     optional,
     pack,
-    prefix,
     varint,
     varint_bytes,
     varint_size,
@@ -40,8 +40,13 @@ class FeaturePayload:
 
     name: str
     kind: str  # "bytes" | "float" | "int64"
-    payload: Piece
+    payload: Piece | Ragged
     nbytes: np.ndarray  # payload bytes per record (int64)
+
+
+def _real(data: np.ndarray, elem_lengths: np.ndarray) -> np.ndarray:
+    """The real values of (n, width) rows, back to back."""
+    return data[np.arange(data.shape[1])[None, :] < elem_lengths[:, None]]
 
 
 def raw_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None, kind: str = "bytes") -> FeaturePayload:
@@ -52,27 +57,30 @@ def raw_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None, ki
     n = data.shape[0]
     data = np.ascontiguousarray(flat_rows(data), dtype=data.dtype.newbyteorder("<"))
     itemsize = data.dtype.itemsize
-    block = flat_rows(data.view(np.uint8)) if data.shape[1] else np.zeros((n, 0), np.uint8)
     if elem_lengths is None:
+        block = flat_rows(data.view(np.uint8)) if data.shape[1] else np.zeros((n, 0), np.uint8)
         return FeaturePayload(name, kind, Piece(block, None), np.full(n, block.shape[1], np.int64))
     nbytes = elem_lengths.astype(np.int64) * itemsize
-    return FeaturePayload(name, kind, prefix(block, nbytes), nbytes)
+    flat = np.ascontiguousarray(_real(data, elem_lengths)).view(np.uint8)
+    return FeaturePayload(name, kind, Ragged(flat, nbytes), nbytes)
 
 
 def int64_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None) -> FeaturePayload:
     """Packed varints of integer ``data`` (n, width) rows: an ``int64_list`` TF reads natively."""
     n = data.shape[0]
     data = flat_rows(data)
-    if data.dtype == np.uint64 and data.size and int(data.max()) >= 2**63:
+    if elem_lengths is None:
+        elem_lengths = np.full(n, data.shape[1], dtype=np.int64)
+    values = _real(data, elem_lengths)
+    if values.dtype == np.uint64 and values.size and int(values.max()) >= 2**63:
         raise ValueError(f"column {name!r} has uint64 values >= 2**63 that int64_list cannot hold")
-    groups, size = varint_bytes(data if data.dtype != np.uint64 else data.astype(np.int64))
-    size = size.astype(np.uint8)
-    width, w = data.shape[1], groups.shape[-1]
-    if elem_lengths is not None:
-        size *= np.arange(width)[None, :] < elem_lengths[:, None]
-    mask = size[..., None] > np.arange(w, dtype=np.uint8)
-    piece = Piece(groups.reshape(n, width * w), mask.reshape(n, width * w))
-    return FeaturePayload(name, "int64", piece, size.sum(axis=1, dtype=np.int64))
+    groups, size = varint_bytes(values.astype(np.int64) if values.dtype == np.uint64 else values)
+    flat = groups[size[:, None] > np.arange(groups.shape[1])]
+    # bytes per record: sizes summed over each record's run of values
+    ends = np.cumsum(elem_lengths.astype(np.int64))
+    csize = np.concatenate([[0], np.cumsum(size)])
+    nbytes = csize[ends] - csize[ends - elem_lengths]
+    return FeaturePayload(name, "int64", Ragged(flat, nbytes), nbytes)
 
 
 def example_pieces(features: list[FeaturePayload], n: int) -> tuple[list[Piece], np.ndarray]:

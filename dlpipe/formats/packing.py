@@ -1,10 +1,12 @@
 """Build many variable-length records at once from fixed-width pieces.
 
 Every record dlpipe writes is a concatenation of pieces (tags, varints, key bytes, a column's
-payload) whose widths vary per record. Each piece is a ``(block, mask)`` pair: ``block`` is an
+payload) whose widths vary per record. A small piece is a ``(block, mask)`` pair: ``block`` is an
 ``(n, w)`` uint8 array with row i holding record i's bytes left-aligned, ``mask`` says which bytes
-are real. Placing the blocks side by side and taking ``block[mask]`` in row-major order yields
-all records back to back: one boolean compaction replaces a Python loop over records.
+are real. Placing blocks side by side and taking ``block[mask]`` in row-major order yields all
+records back to back: one boolean compaction replaces a Python loop over records. A payload is a
+``Ragged`` piece instead (its real bytes back to back, plus a length per record), so the work it
+costs follows the bytes that are real, not the padded width of the widest record.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class Piece:
         if self.mask is None:
             return np.full(n, w, dtype=np.int64)
         return self.mask.sum(axis=1, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Record i's bytes are ``flat[offsets[i]:offsets[i+1]]`` (``lengths`` of them)."""
+
+    flat: np.ndarray  # uint8
+    lengths: np.ndarray  # int64, per record
 
 
 def flat_rows(a: np.ndarray) -> np.ndarray:
@@ -103,17 +113,52 @@ def optional(piece: Piece, keep: np.ndarray) -> Piece:
     return Piece(piece.block, mask if piece.mask is None else piece.mask & mask)
 
 
-def pack(pieces: list[Piece], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate, per record, the real bytes of each piece in order.
-
-    Returns the packed bytes and the n+1 record offsets.
-    """
-    if n == 0:
-        return np.empty(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
+def _compact(pieces: list[Piece]) -> Ragged:
     blocks = np.concatenate([p.block for p in pieces], axis=1)
     masks = np.concatenate(
         [np.ones(p.block.shape, dtype=bool) if p.mask is None else p.mask for p in pieces], axis=1
     )
+    return Ragged(blocks[masks], masks.sum(axis=1, dtype=np.int64))
+
+
+def scatter_ragged(out: np.ndarray, dst_starts: np.ndarray, flat: np.ndarray, lengths: np.ndarray) -> None:
+    """Copy consecutive pieces of ``flat`` (piece i has ``lengths[i]`` bytes) to ``out[dst_starts[i]:]``."""
+    total = int(lengths.sum())
+    if total == 0:
+        return
+    src_starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=src_starts[1:])
+    idx = np.repeat(dst_starts - src_starts, lengths) + np.arange(total, dtype=np.int64)
+    out[idx] = flat[:total]
+
+
+def pack(pieces: list[Piece | Ragged], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate, per record, the real bytes of each piece in order.
+
+    Runs of block pieces are compacted at once; the runs and ragged pieces are then placed with
+    one scatter each. Returns the packed bytes and the n+1 record offsets.
+    """
+    if n == 0:
+        return np.empty(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
+    runs: list[Ragged] = []
+    blocks: list[Piece] = []
+    for piece in pieces:
+        if isinstance(piece, Ragged):
+            if blocks:
+                runs.append(_compact(blocks))
+                blocks = []
+            runs.append(piece)
+        else:
+            blocks.append(piece)
+    if blocks:
+        runs.append(_compact(blocks))
+    lengths = np.stack([r.lengths for r in runs], axis=1)
     offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(masks.sum(axis=1, dtype=np.int64), out=offsets[1:])
-    return blocks[masks], offsets
+    np.cumsum(lengths.sum(axis=1), out=offsets[1:])
+    if len(runs) == 1:
+        return runs[0].flat, offsets
+    starts = offsets[:-1, None] + np.cumsum(lengths, axis=1) - lengths
+    out = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for r, run in enumerate(runs):
+        scatter_ragged(out, starts[:, r], run.flat, run.lengths)
+    return out, offsets

@@ -24,7 +24,7 @@ import google_crc32c
 import numpy as np
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.packing import Piece, pack
+from dlpipe.formats.packing import Piece, pack, scatter_ragged
 
 HEADER_BYTES = 12  # length + length-crc
 FOOTER_BYTES = 4
@@ -115,24 +115,15 @@ def _scatter_rows(out: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> None
     out[idx.ravel()] = rows.ravel()
 
 
-def scatter_ragged(out: np.ndarray, dst_starts: np.ndarray, flat: np.ndarray, lengths: np.ndarray) -> None:
-    """Copy consecutive pieces of ``flat`` (piece i has ``lengths[i]`` items) to ``out[dst_starts[i]:]``."""
-    total = int(lengths.sum())
-    if total == 0:
-        return
-    src_starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=src_starts[1:])
-    idx = np.repeat(dst_starts - src_starts, lengths) + np.arange(total, dtype=np.int64)
-    out[idx] = flat[:total]
-
-
-def index_lines(frame_offsets: np.ndarray, base: int = 0) -> bytes:
+def index_lines(frame_offsets: np.ndarray, base: int = 0) -> str:
     """The "offset size" index lines (DALI's tfrecord2idx and the tfrecord package read these)."""
-    starts = frame_offsets[:-1] + base
-    sizes = np.diff(frame_offsets)
-    if len(sizes) == 0:
-        return b""
-    return ("\n".join(f"{a} {b}" for a, b in zip(starts.tolist(), sizes.tolist())) + "\n").encode()
+    n = len(frame_offsets) - 1
+    if n <= 0:
+        return ""
+    pairs = np.empty((n, 2), dtype=np.int64)
+    pairs[:, 0] = frame_offsets[:-1] + base
+    pairs[:, 1] = np.diff(frame_offsets)
+    return ("%d %d\n" * n) % tuple(pairs.ravel().tolist())
 
 
 def open_compressed_writer(raw: BinaryIO, compression: str | None) -> BinaryIO:
