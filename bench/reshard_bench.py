@@ -24,10 +24,8 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,118 +35,12 @@ from typing import Any
 
 import numpy as np
 from corpus import PAD_ID, build_corpus
+from machine import cpu_scaling_ceiling, machine_busy_seconds, machine_info, own_cpu_seconds
+from reshard_report import compute_ratios, format_bytes, judge_targets, render_markdown
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
 DEFAULT_RESULTS = BENCH_DIR / "results"
-
-# (name, description, ratio key, comparison, threshold)
-TARGETS: list[tuple[str, str, str, str, float]] = [
-    (
-        "speed vs TF loop",
-        "dlpipe TFRecord (1 worker) records/s / TF loop records/s",
-        "speedup_tfrecord_w1_vs_tf_loop",
-        ">=",
-        10.0,
-    ),
-    (
-        "2-worker scaling",
-        "dlpipe TFRecord 2 workers / 1 worker records/s",
-        "scaling_tfrecord_w2_vs_w1",
-        ">=",
-        1.7,
-    ),
-    (
-        "size vs TF loop",
-        "dlpipe TFRecord bytes/record / TF loop bytes/record",
-        "size_tfrecord_vs_tf_loop",
-        "<=",
-        1.0,
-    ),
-    (
-        "shrink vs padded",
-        "padded source bytes / dlpipe TFRecord bytes",
-        "shrink_source_vs_tfrecord",
-        ">=",
-        10.0,
-    ),
-    (
-        "WebDataset overhead",
-        "dlpipe WebDataset bytes / dlpipe TFRecord bytes",
-        "size_webdataset_vs_tfrecord",
-        "<=",
-        2.0,
-    ),
-]
-
-
-# --- machine -------------------------------------------------------------------------------
-
-
-def _version(dist: str, *alternatives: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in (dist, *alternatives):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=BENCH_DIR,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _dlpipe_origin() -> dict[str, str | None]:
-    """Which dlpipe gets benchmarked: its version and where it was imported from."""
-    try:
-        import dlpipe
-    except ImportError:
-        return {"dlpipe": None, "dlpipe_path": None}
-    version = _version("dlpipe") or getattr(dlpipe, "__version__", None)
-    return {"dlpipe": version, "dlpipe_path": str(Path(dlpipe.__path__[0]))}
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import psutil
-
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "tensorflow": _version("tensorflow-cpu", "tensorflow"),
-        "webdataset": _version("webdataset"),
-        **_dlpipe_origin(),
-        "git_commit": _git_commit(),
-    }
-
 
 # --- the contenders -------------------------------------------------------------------------
 
@@ -237,10 +129,19 @@ def dlpipe_available() -> str | None:
 # --- measuring ------------------------------------------------------------------------------
 
 
-def dir_size(path: Path) -> tuple[int, int]:
-    """(total bytes, number of files) under ``path``."""
+SIDE_FILE_SUFFIXES = (".index", ".idx", ".json")
+
+
+def dir_size(path: Path) -> tuple[int, int, int]:
+    """(shard bytes, side-file bytes, number of files) under ``path``.
+
+    Side files are indexes and metadata (``*.index``, ``*.json``) that a reader may skip;
+    shard bytes are the records themselves, which is what the size targets compare.
+    """
     files = [p for p in path.rglob("*") if p.is_file()]
-    return sum(p.stat().st_size for p in files), len(files)
+    side = sum(p.stat().st_size for p in files if p.name.endswith(SIDE_FILE_SUFFIXES))
+    total = sum(p.stat().st_size for p in files)
+    return total - side, side, len(files)
 
 
 def warm_page_cache(paths: list[Path]) -> None:
@@ -263,16 +164,24 @@ def timed_runs(
 ) -> dict[str, Any]:
     """Run ``work(out_dir)`` ``repeat`` times in a fresh directory; one result row."""
     seconds: list[float] = []
+    cpu: list[float] = []
+    others: list[float] = []
     summary = None
     for r in range(repeat):
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir(parents=True)
-        t0 = time.perf_counter()
+        own0, busy0, t0 = own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
         summary = work(out_dir)
         seconds.append(time.perf_counter() - t0)
-        print(f"  {name} #{r + 1}: {seconds[-1]:.3f} s", flush=True)
-    measured_bytes, files = dir_size(out_dir)
-    bytes_per_record = measured_bytes / timed_records
+        cpu.append(own_cpu_seconds() - own0)
+        others.append(max(0.0, machine_busy_seconds() - busy0 - cpu[-1]))
+        print(
+            f"  {name} #{r + 1}: {seconds[-1]:.3f} s, {cpu[-1]:.2f} CPU-s"
+            f" (other processes: {others[-1]:.2f} CPU-s)",
+            flush=True,
+        )
+    shard_bytes, side_bytes, files = dir_size(out_dir)
+    bytes_per_record = shard_bytes / timed_records
     med = statistics.median(seconds)
     row: dict[str, Any] = {
         "name": name,
@@ -282,12 +191,18 @@ def timed_runs(
         "extrapolated": timed_records < num_records,
         "seconds": [round(s, 4) for s in seconds],
         "seconds_median": round(med, 4),
+        # CPU seconds of this process + its workers, and of everything else on the machine,
+        # per repeat: cpu/seconds near the worker count means the workers really ran in
+        # parallel; large "other" means something else competed for the cores.
+        "cpu_seconds": [round(c, 3) for c in cpu],
+        "other_processes_cpu_seconds": [round(o, 3) for o in others],
         "records_per_s": timed_records / med,
         "records_per_s_min": timed_records / max(seconds),
         "records_per_s_max": timed_records / min(seconds),
         "output_files": files,
         "bytes_per_record": bytes_per_record,
         "output_bytes": round(bytes_per_record * num_records),
+        "side_file_bytes": round(side_bytes * num_records / timed_records),
         "seconds_full_corpus": med * num_records / timed_records,
     }
     if summary is not None and hasattr(summary, "records_per_s"):
@@ -302,230 +217,158 @@ def count_tfrecords(out_dir: Path) -> int:
     """Records in every TFRecord shard under ``out_dir``, read back with tf.data."""
     import tensorflow as tf
 
-    files = sorted(str(p) for p in out_dir.rglob("*.tfrecord*") if p.is_file())
+    files = sorted(
+        str(p)
+        for p in out_dir.rglob("*.tfrecord*")
+        if p.is_file() and not p.name.endswith(SIDE_FILE_SUFFIXES)
+    )
     kind = "GZIP" if files and files[0].endswith(".gz") else ""
     return int(tf.data.TFRecordDataset(files, compression_type=kind).reduce(0, lambda n, _: n + 1))
-
-
-# --- ratios and report ----------------------------------------------------------------------
-
-
-def compute_ratios(runs: list[dict[str, Any]], corpus: dict[str, Any]) -> dict[str, float | None]:
-    """The headline ratios; None where a run needed for one is missing."""
-    by = {run["name"]: run for run in runs}
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
-    def get(name: str, key: str) -> float | None:
-        return by[name][key] if name in by else None
-
-    return {
-        "speedup_tfrecord_w1_vs_tf_loop": ratio(
-            get("dlpipe-tfrecord-w1", "records_per_s"), get("tf-loop", "records_per_s")
-        ),
-        "speedup_tfrecord_w2_vs_tf_loop": ratio(
-            get("dlpipe-tfrecord-w2", "records_per_s"), get("tf-loop", "records_per_s")
-        ),
-        "speedup_webdataset_w2_vs_wds_loop": ratio(
-            get("dlpipe-webdataset-w2", "records_per_s"), get("wds-loop", "records_per_s")
-        ),
-        "scaling_tfrecord_w2_vs_w1": ratio(
-            get("dlpipe-tfrecord-w2", "records_per_s"), get("dlpipe-tfrecord-w1", "records_per_s")
-        ),
-        "size_tfrecord_vs_tf_loop": ratio(
-            get("dlpipe-tfrecord-w2", "bytes_per_record"), get("tf-loop", "bytes_per_record")
-        ),
-        "shrink_source_vs_tfrecord": ratio(
-            corpus["bytes"], get("dlpipe-tfrecord-w2", "output_bytes")
-        ),
-        "size_webdataset_vs_tfrecord": ratio(
-            get("dlpipe-webdataset-w2", "output_bytes"), get("dlpipe-tfrecord-w2", "output_bytes")
-        ),
-        "size_webdataset_gzip_vs_tfrecord": ratio(
-            get("dlpipe-webdataset-gzip-w2", "output_bytes"),
-            get("dlpipe-tfrecord-w2", "output_bytes"),
-        ),
-    }
-
-
-def judge_targets(ratios: dict[str, float | None]) -> list[dict[str, Any]]:
-    """One row per target: value, threshold, PASS/FAIL (or n/a when not measured)."""
-    rows = []
-    for name, description, key, op, threshold in TARGETS:
-        value = ratios.get(key)
-        if value is None:
-            verdict = "n/a"
-        else:
-            ok = value >= threshold if op == ">=" else value <= threshold
-            verdict = "PASS" if ok else "FAIL"
-        rows.append(
-            {
-                "name": name,
-                "description": description,
-                "ratio": key,
-                "value": value,
-                "target": f"{op} {threshold:g}",
-                "verdict": verdict,
-            }
-        )
-    return rows
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-    """The markdown report of one ``reshard.json``."""
-    m, c = result["machine"], result["corpus"]
-    lines = [
-        "# Reshard benchmark",
-        "",
-        f"{result['created']} · {m['cpu_model']} · {m['cpus_usable']} usable CPUs ({m['cpu_count']} total) · "
-        f"{m['memory_gib']} GiB · Python {m['python']} · numpy {m['numpy']} · TF {m['tensorflow']} · "
-        f"webdataset {m['webdataset']} · dlpipe {m['dlpipe']}",
-        "",
-        f"Corpus: {c['num_records']:,} records ({c['source']}), {c['encoding']}; mean length "
-        f"{c['mean_length']:.1f}, max {c['max_length']}, {c['truncated_records']} truncated; "
-        f"input {_bytes(c['bytes'])} (`input_ids.npy` + `labels.npy`).",
-        "",
-        f"Each run {result['settings']['repeat']}x, wall clock, median (min–max).",
-        "",
-        "| run | records/s | seconds | bytes/record | output | input/output |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for run in result["runs"]:
-        note = " ¹" if run["extrapolated"] else ""
-        lines.append(
-            f"| {run['name']}{note} | {_si(run['records_per_s'])} ({_si(run['records_per_s_min'])}–"
-            f"{_si(run['records_per_s_max'])}) | {run['seconds_full_corpus']:.2f} | "
-            f"{run['bytes_per_record']:.1f} | {_bytes(run['output_bytes'])} | "
-            f"{c['bytes'] / run['output_bytes']:.1f}x |"
-        )
-    if any(run["extrapolated"] for run in result["runs"]):
-        lines += [
-            "",
-            "¹ timed on the first records only; seconds and output size extrapolated to the full corpus.",
-        ]
-    if result.get("skipped"):
-        lines += ["", f"Not run: {result['skipped']}"]
-    lines += ["", "| target | value | goal | |", "|---|---:|---:|---|"]
-    for t in result["targets"]:
-        value = "–" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"| {t['description']} | {value} | {t['target']} | {t['verdict']} |")
-    r = result["ratios"]
-    extra = [
-        (
-            "dlpipe TFRecord (2 workers) / TF loop records/s",
-            r.get("speedup_tfrecord_w2_vs_tf_loop"),
-        ),
-        (
-            "dlpipe WebDataset (2 workers) / webdataset loop records/s",
-            r.get("speedup_webdataset_w2_vs_wds_loop"),
-        ),
-        (
-            "dlpipe WebDataset gzip bytes / dlpipe TFRecord bytes",
-            r.get("size_webdataset_gzip_vs_tfrecord"),
-        ),
-    ]
-    for label, value in extra:
-        if value is not None:
-            lines.append(f"| {label} | {value:.2f} | | info |")
-    return "\n".join(lines) + "\n"
 
 
 # --- main -----------------------------------------------------------------------------------
 
 
+def dlpipe_configs() -> list[tuple[str, dict[str, Any]]]:
+    """The dlpipe runs: TFRecord 1 and 2 workers (default encoding, and TF-native int64_list),
+    WebDataset with dlpipe's default compression, uncompressed and gzip."""
+    return [
+        ("dlpipe-tfrecord-w1", {"format": "tfrecord", "workers": 1}),
+        ("dlpipe-tfrecord-w2", {"format": "tfrecord", "workers": 2}),
+        (
+            "dlpipe-tfrecord-int64list-w2",
+            {"format": "tfrecord", "workers": 2, "int_encoding": "int64_list"},
+        ),
+        ("dlpipe-webdataset-w2", {"format": "webdataset", "workers": 2}),
+        (
+            "dlpipe-webdataset-plain-w2",
+            {"format": "webdataset", "workers": 2, "compression": "none"},
+        ),
+        (
+            "dlpipe-webdataset-gzip-w2",
+            {"format": "webdataset", "workers": 2, "compression": "gzip"},
+        ),
+    ]
+
+
+def detect_compression(out_dir: Path) -> str:
+    """The compression the shards under ``out_dir`` were written with, from their names."""
+    names = [
+        p.name
+        for p in out_dir.rglob("*")
+        if p.is_file() and not p.name.endswith(SIDE_FILE_SUFFIXES)
+    ]
+    for suffix, kind in ((".gz", "gzip"), (".zst", "zstd"), (".zz", "zlib")):
+        if any(name.endswith(suffix) for name in names):
+            return kind
+    return "none"
+
+
+def run_dlpipe(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time every dlpipe config; outputs are kept under ``out`` for the read-back check.
+
+    Runs before TensorFlow is imported: with TF loaded dlpipe starts its workers with
+    forkserver instead of fork, which is slower to start; a user's plain script gets fork.
+    """
+    runs = []
+    seen: dict[tuple[str, str], str] = {}
+    for name, options in dlpipe_configs():
+        row = timed_runs(
+            name,
+            lambda d, o=options: dlpipe_reshard(corpus_dir, d, args.num_shards, **o),
+            out_dir=out / name,
+            timed_records=args.records,
+            repeat=args.repeat,
+            num_records=args.records,
+            info={"tool": "dlpipe.reshard", **options},
+        )
+        row["compression"] = detect_compression(out / name)
+        key = (options["format"], row["compression"])
+        if "compression" in options and key in seen:
+            print(f"  ({name} is the same as {seen[key]}, dlpipe's default; dropped)", flush=True)
+            continue
+        seen.setdefault(key, name)
+        runs.append(row)
+    return runs
+
+
+def run_peers(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time the two per-record Python loops (on the first ``--peer-records`` if given)."""
+    import_peers()
+    peer_n = min(args.peer_records or args.records, args.records)
+    common = {"repeat": args.repeat, "num_records": args.records, "timed_records": peer_n}
+    tf_run = timed_runs(
+        "tf-loop",
+        lambda d: tf_loop(corpus_dir, d, peer_n),
+        out_dir=out / "tf-loop",
+        info={
+            "tool": "tf.io.TFRecordWriter",
+            "format": "tfrecord",
+            "workers": 1,
+            "compression": "none",
+        },
+        **common,
+    )
+    wds_run = timed_runs(
+        "wds-loop",
+        lambda d: wds_loop(corpus_dir, d, peer_n, args.num_shards),
+        out_dir=out / "wds-loop",
+        info={
+            "tool": "webdataset.ShardWriter",
+            "format": "webdataset",
+            "workers": 1,
+            "compression": "none",
+        },
+        **common,
+    )
+    return [tf_run, wds_run]
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     corpus_dir = args.cache_dir / f"corpus-{args.records}"
     corpus = build_corpus(corpus_dir, args.records, args.seed)
+    how = "reused" if corpus["reused"] else "built"
     print(
-        f"corpus: {corpus['num_records']:,} records, {_bytes(corpus['bytes'])}, "
-        f"{'reused' if corpus['reused'] else 'built'} in {corpus_dir}",
+        f"corpus: {corpus['num_records']:,} records, {format_bytes(corpus['bytes'])}, {how} in {corpus_dir}",
         flush=True,
     )
     warm_page_cache([corpus_dir / "input_ids.npy", corpus_dir / "labels.npy"])
-    if not args.skip_peers:
-        import_peers()
-
-    n = args.records
-    peer_n = min(args.peer_records or n, n)
     out = args.cache_dir / "reshard-out"
-    common = {"repeat": args.repeat, "num_records": n}
+    load_before = os.getloadavg()
+    ceiling = cpu_scaling_ceiling(2)
+    print(f"machine: 2 processes give {ceiling:.2f}x one process on a CPU-bound task", flush=True)
+
     runs: list[dict[str, Any]] = []
     skipped = None
-
-    if not args.skip_peers:
-        runs.append(
-            timed_runs(
-                "tf-loop",
-                lambda d: tf_loop(corpus_dir, d, peer_n),
-                out_dir=out / "tf-loop",
-                timed_records=peer_n,
-                info={"tool": "tf.io.TFRecordWriter", "format": "tfrecord", "workers": 1},
-                **common,
-            )
-        )
-        runs.append(
-            timed_runs(
-                "wds-loop",
-                lambda d: wds_loop(corpus_dir, d, peer_n, args.num_shards),
-                out_dir=out / "wds-loop",
-                timed_records=peer_n,
-                info={"tool": "webdataset.ShardWriter", "format": "webdataset", "workers": 1},
-                **common,
-            )
-        )
-
     why_not = dlpipe_available()
     if why_not is not None:
         skipped = f"dlpipe runs (from dlpipe import reshard failed: {why_not})"
         print(f"skipping dlpipe: {why_not}", flush=True)
     else:
-        configs = [
-            ("dlpipe-tfrecord-w1", {"format": "tfrecord", "workers": 1}),
-            ("dlpipe-tfrecord-w2", {"format": "tfrecord", "workers": 2}),
-            ("dlpipe-webdataset-w2", {"format": "webdataset", "workers": 2}),
-            (
-                "dlpipe-webdataset-gzip-w2",
-                {"format": "webdataset", "workers": 2, "compression": "gzip"},
-            ),
-        ]
-        for name, options in configs:
-            row = timed_runs(
-                name,
-                lambda d, o=options: dlpipe_reshard(corpus_dir, d, args.num_shards, **o),
-                out_dir=out / name,
-                timed_records=n,
-                info={"tool": "dlpipe.reshard", "compression": None, **options},
-                **common,
-            )
-            if name.startswith("dlpipe-tfrecord") and args.verify:
-                row["records_read_back"] = count_tfrecords(out / name)
-            runs.append(row)
-
-    ratios = compute_ratios(runs, corpus)
+        runs += run_dlpipe(corpus_dir, out, args)
+    if not args.skip_peers:
+        runs[:0] = run_peers(corpus_dir, out, args)
+    if args.verify:
+        for run in runs:
+            if run["tool"] == "dlpipe.reshard" and run["format"] == "tfrecord":
+                run["records_read_back"] = count_tfrecords(out / run["name"])
     if not args.keep_outputs:
         shutil.rmtree(out, ignore_errors=True)
+
+    ratios = compute_ratios(runs, corpus)
     return {
         "benchmark": "reshard",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": machine_info(),
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "cpu_scaling_ceiling_2_workers": ceiling,
         "corpus": {k: v for k, v in corpus.items() if k != "reused"},
-        "settings": {"repeat": args.repeat, "num_shards": args.num_shards, "peer_records": peer_n},
+        "settings": {
+            "repeat": args.repeat,
+            "num_shards": args.num_shards,
+            "peer_records": min(args.peer_records or args.records, args.records),
+        },
         "runs": runs,
         "skipped": skipped,
         "ratios": ratios,

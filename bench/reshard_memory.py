@@ -1,4 +1,4 @@
-"""Peak memory of ``dlpipe reshard`` does not grow with the input.
+"""Peak memory of ``dlpipe reshard``: bounded, whatever the input size.
 
 Builds a multi-GB padded corpus with ``corpus.py`` (default 4M records, about 4.1 GB) and a
 small one (200k records), runs ``dlpipe reshard`` on each as a subprocess, and samples every
@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 from corpus import SEQ_LEN, build_corpus
-from reshard_bench import machine_info
+from machine import machine_info
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -185,15 +185,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     for run in result["runs"]:
         for i, p in enumerate(run["processes"]):
-            head = (
-                f"{run['input_bytes'] / 1e9:.2f} GB | {run['num_records']:,} | {run['seconds']}"
-                if i == 0
-                else " | | "
-            )
+            head = f"{run['input_bytes'] / 1e9:.2f} GB | {run['num_records']:,} | {run['seconds']}"
             lines.append(
-                f"| {head} | {p['role']} `{p['cmdline'][:60]}` | {p['max_RssAnon'] / 2**20:.0f} MiB | "
-                f"{p['max_RssFile'] / 2**20:.0f} MiB | {p['samples']} |"
+                f"| {head if i == 0 else ' | | '} | {p['role']} (pid {p['pid']}) | "
+                f"{p['max_RssAnon'] / 2**20:.0f} MiB | {p['max_RssFile'] / 2**20:.0f} MiB | {p['samples']} |"
             )
+        lines.append(
+            f"| | | | all together (peak of the sum) | {run['peak_total_rss_anon'] / 2**20:.0f} MiB | | |"
+        )
     lines += ["", "| target | value | goal | |", "|---|---:|---:|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['description']} | {t['value']} | {t['target']} | {t['verdict']} |")

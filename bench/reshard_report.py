@@ -1,0 +1,228 @@
+"""Ratios, PASS/FAIL targets and the markdown table of a reshard benchmark result.
+
+Kept apart from the measuring so ``reshard.md`` can be re-rendered from ``reshard.json``
+(``python bench/reshard_bench.py --render-only``) and the targets read in one place.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+# (name, description, ratio key, comparison, threshold)
+TARGETS: list[tuple[str, str, str, str, float]] = [
+    (
+        "speed vs TF loop",
+        "dlpipe TFRecord (1 worker) records/s / TF loop records/s",
+        "speedup_tfrecord_w1_vs_tf_loop",
+        ">=",
+        10.0,
+    ),
+    (
+        "2-worker scaling",
+        "dlpipe TFRecord 2 workers / 1 worker records/s",
+        "scaling_tfrecord_w2_vs_w1",
+        ">=",
+        1.7,
+    ),
+    (
+        "size vs TF loop",
+        "dlpipe TFRecord bytes/record / TF loop bytes/record",
+        "size_tfrecord_vs_tf_loop",
+        "<=",
+        1.0,
+    ),
+    (
+        "shrink vs padded",
+        "padded source bytes / dlpipe TFRecord bytes",
+        "shrink_source_vs_tfrecord",
+        ">=",
+        10.0,
+    ),
+    (
+        "WebDataset overhead",
+        "dlpipe WebDataset (default compression) bytes / dlpipe TFRecord bytes",
+        "size_webdataset_vs_tfrecord",
+        "<=",
+        2.0,
+    ),
+]
+
+
+def compute_ratios(runs: list[dict[str, Any]], corpus: dict[str, Any]) -> dict[str, float | None]:
+    """The headline ratios; None where a run needed for one is missing."""
+    by = {run["name"]: run for run in runs}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def get(name: str, key: str) -> float | None:
+        return by[name][key] if name in by else None
+
+    return {
+        "speedup_tfrecord_w1_vs_tf_loop": ratio(
+            get("dlpipe-tfrecord-w1", "records_per_s"), get("tf-loop", "records_per_s")
+        ),
+        "speedup_tfrecord_w2_vs_tf_loop": ratio(
+            get("dlpipe-tfrecord-w2", "records_per_s"), get("tf-loop", "records_per_s")
+        ),
+        "speedup_webdataset_w2_vs_wds_loop": ratio(
+            get("dlpipe-webdataset-w2", "records_per_s"), get("wds-loop", "records_per_s")
+        ),
+        "scaling_tfrecord_w2_vs_w1": ratio(
+            get("dlpipe-tfrecord-w2", "records_per_s"), get("dlpipe-tfrecord-w1", "records_per_s")
+        ),
+        "size_tfrecord_vs_tf_loop": ratio(
+            get("dlpipe-tfrecord-w2", "bytes_per_record"), get("tf-loop", "bytes_per_record")
+        ),
+        "shrink_source_vs_tfrecord": ratio(
+            corpus["bytes"], get("dlpipe-tfrecord-w2", "output_bytes")
+        ),
+        "size_webdataset_vs_tfrecord": ratio(
+            get("dlpipe-webdataset-w2", "output_bytes"), get("dlpipe-tfrecord-w2", "output_bytes")
+        ),
+        "size_webdataset_plain_vs_tfrecord": ratio(
+            get("dlpipe-webdataset-plain-w2", "output_bytes"),
+            get("dlpipe-tfrecord-w2", "output_bytes"),
+        ),
+        "size_webdataset_gzip_vs_tfrecord": ratio(
+            get("dlpipe-webdataset-gzip-w2", "output_bytes"),
+            get("dlpipe-tfrecord-w2", "output_bytes"),
+        ),
+        "size_tfrecord_int64list_vs_tf_loop": ratio(
+            get("dlpipe-tfrecord-int64list-w2", "bytes_per_record"),
+            get("tf-loop", "bytes_per_record"),
+        ),
+        "speedup_tfrecord_int64list_w2_vs_tf_loop": ratio(
+            get("dlpipe-tfrecord-int64list-w2", "records_per_s"),
+            get("tf-loop", "records_per_s"),
+        ),
+    }
+
+
+def judge_targets(ratios: dict[str, float | None]) -> list[dict[str, Any]]:
+    """One row per target: value, threshold, PASS/FAIL (or n/a when not measured)."""
+    rows = []
+    for name, description, key, op, threshold in TARGETS:
+        value = ratios.get(key)
+        if value is None:
+            verdict = "n/a"
+        else:
+            ok = value >= threshold if op == ">=" else value <= threshold
+            verdict = "PASS" if ok else "FAIL"
+        rows.append(
+            {
+                "name": name,
+                "description": description,
+                "ratio": key,
+                "value": value,
+                "target": f"{op} {threshold:g}",
+                "verdict": verdict,
+            }
+        )
+    return rows
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _cpu_cell(run: dict[str, Any]) -> str:
+    """Median CPU seconds of the run and, in brackets, of other processes meanwhile."""
+    if "cpu_seconds" not in run:
+        return "–"
+    own = statistics.median(run["cpu_seconds"])
+    others = statistics.median(run["other_processes_cpu_seconds"])
+    return f"{own:.2f} ({others:.2f})"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The markdown report of one ``reshard.json``."""
+    m, c = result["machine"], result["corpus"]
+    lines = [
+        "# Reshard benchmark",
+        "",
+        f"{result['created']} · {m['cpu_model']} · {m['cpus_usable']} usable CPUs ({m['cpu_count']} total) · "
+        f"{m['memory_gib']} GiB · Python {m['python']} · numpy {m['numpy']} · TF {m['tensorflow']} · "
+        f"webdataset {m['webdataset']} · dlpipe {m['dlpipe']}",
+        "",
+        f"Corpus: {c['num_records']:,} records ({c['source']}), {c['encoding']}; mean length "
+        f"{c['mean_length']:.1f}, max {c['max_length']}, {c['truncated_records']} truncated; "
+        f"input {format_bytes(c['bytes'])} (`input_ids.npy` + `labels.npy`).",
+        "",
+        f"Each run {result['settings']['repeat']}x, wall clock, median (min–max); CPU-s: CPU seconds "
+        "of the run's processes (of all other processes meanwhile). Bytes are the "
+        "shards themselves; index and metadata files (`*.index`, `dataset_info.json`) are listed "
+        "apart and left out of the ratios.",
+        "",
+        "| run | compression | records/s | seconds | CPU-s (others) | bytes/record | output | + index/meta | input/output |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result["runs"]:
+        note = " ¹" if run["extrapolated"] else ""
+        lines.append(
+            f"| {run['name']}{note} | {run.get('compression', 'none')} | {_si(run['records_per_s'])} ({_si(run['records_per_s_min'])}–"
+            f"{_si(run['records_per_s_max'])}) | {run['seconds_full_corpus']:.2f} | {_cpu_cell(run)} | "
+            f"{run['bytes_per_record']:.1f} | {format_bytes(run['output_bytes'])} | "
+            f"{format_bytes(run['side_file_bytes'])} | {c['bytes'] / run['output_bytes']:.1f}x |"
+        )
+    ceiling = result.get("cpu_scaling_ceiling_2_workers")
+    if ceiling is not None:
+        lines += [
+            "",
+            f"This machine runs a CPU-bound task {ceiling:.2f}x faster on 2 processes than on 1 "
+            "(calibration, fork): the ceiling for any 2-worker scaling measured here. Load average "
+            f"before/after: {result['load_average']['before'][0]:.2f}/{result['load_average']['after'][0]:.2f}.",
+        ]
+    if any(run["extrapolated"] for run in result["runs"]):
+        lines += [
+            "",
+            "¹ timed on the first records only; seconds and output size extrapolated to the full corpus.",
+        ]
+    if result.get("skipped"):
+        lines += ["", f"Not run: {result['skipped']}"]
+    lines += ["", "| target | value | goal | |", "|---|---:|---:|---|"]
+    for t in result["targets"]:
+        value = "–" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"| {t['description']} | {value} | {t['target']} | {t['verdict']} |")
+    r = result["ratios"]
+    extra = [
+        (
+            "dlpipe TFRecord (2 workers) / TF loop records/s",
+            r.get("speedup_tfrecord_w2_vs_tf_loop"),
+        ),
+        (
+            "dlpipe WebDataset (2 workers) / webdataset loop records/s",
+            r.get("speedup_webdataset_w2_vs_wds_loop"),
+        ),
+        (
+            "dlpipe WebDataset uncompressed bytes / dlpipe TFRecord bytes",
+            r.get("size_webdataset_plain_vs_tfrecord"),
+        ),
+        (
+            "dlpipe WebDataset gzip bytes / dlpipe TFRecord bytes",
+            r.get("size_webdataset_gzip_vs_tfrecord"),
+        ),
+        (
+            "dlpipe TFRecord int64_list bytes/record / TF loop bytes/record",
+            r.get("size_tfrecord_int64list_vs_tf_loop"),
+        ),
+        (
+            "dlpipe TFRecord int64_list (2 workers) / TF loop records/s",
+            r.get("speedup_tfrecord_int64list_w2_vs_tf_loop"),
+        ),
+    ]
+    for label, value in extra:
+        if value is not None:
+            lines.append(f"| {label} | {value:.2f} | | info |")
+    return "\n".join(lines) + "\n"
