@@ -270,7 +270,10 @@ def _scan_range(bounds: tuple[int, int]) -> tuple[np.ndarray, dict, dict, dict]:
     # varint bytes of every integer value, padding included; the engine subtracts the padding
     varints = {name: varint_bytes_total(data) for name, data in chunk.items() if data.dtype.kind in "iu"}
     pads = pad_values(chunk, job.spec, lengths, is_left)
-    return (lengths.astype(np.int32), is_left), ranges, varints, {k: (start, v) for k, v in pads.items()}
+    # one length (and side, only when a mask can mix sides) per record goes back: keep them narrow
+    narrow = lengths.astype(np.min_scalar_type(max(job.spec.max_length, 1)))
+    side = is_left if job.spec.method == "mask" else None
+    return (narrow, side), ranges, varints, {k: (start, v) for k, v in pads.items()}
 
 
 def _scan(job: _Job, pool, show: bool) -> tuple[tuple[np.ndarray, np.ndarray], dict, dict, dict]:
@@ -294,10 +297,9 @@ def _scan(job: _Job, pool, show: bool) -> tuple[tuple[np.ndarray, np.ndarray], d
             for name, v in pad.items():
                 pads.setdefault(name, []).append(v)
             bar.update(b - a)
-    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
-    # one length per record stays in memory: keep it as narrow as the padded width allows
-    all_lengths = all_lengths.astype(np.min_scalar_type(max(job.spec.max_length, 1)))
-    all_left = np.concatenate(lefts) if lefts else np.zeros(0, bool)
+    width_type = np.min_scalar_type(max(job.spec.max_length, 1))
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, width_type)
+    all_left = np.concatenate(lefts) if lefts and lefts[0] is not None else None
     return (all_lengths, all_left), ranges, varints, pads
 
 
@@ -392,9 +394,9 @@ def _task_args(task: ShardTask, bounds, order, encodings, lengths, is_left):
     lo = bounds[task.split][0]
     if order is None:
         a, b = lo + task.start, lo + task.stop
-        return task, (a, b), encodings, lengths[a:b], is_left[a:b]
+        return task, (a, b), encodings, lengths[a:b], None if is_left is None else is_left[a:b]
     ids = order[lo + task.start : lo + task.stop]
-    return task, ids, encodings, lengths[ids], is_left[ids]
+    return task, ids, encodings, lengths[ids], None if is_left is None else is_left[ids]
 
 
 def _batches(job: _Job, rows) -> Iterator[tuple[slice, np.ndarray, dict[str, np.ndarray]]]:
@@ -454,7 +456,8 @@ def _write_shard_task(args) -> ShardInfo:
             hashed = _HashingWriter(raw)
             out = shard_formats_stream(hashed, job)
             for where, ids, chunk in _batches(job, rows):
-                lengths, is_left = task_lengths[where].astype(np.int64), task_left[where]
+                lengths = task_lengths[where].astype(np.int64)
+                is_left = np.full(len(lengths), job.spec.side == "left") if task_left is None else task_left[where]
                 batch = to_batch(chunk, job.spec, encodings, lengths, is_left)
                 buf, offsets = shard_formats.encode_batch(job.fmt, batch, encodings, ids)
                 out.write(memoryview(buf))
