@@ -67,7 +67,10 @@ class FrameworkResult:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["stages"] = [asdict(s) | {"batch_latencies_s": list(map(float, s.batch_latencies_s))} for s in self.stages]
+        d["stages"] = [
+            asdict(s) | {"batch_latencies_s": list(map(float, s.batch_latencies_s))}
+            for s in self.stages
+        ]
         return d
 
     @classmethod
