@@ -26,10 +26,15 @@ def is_available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def require(module: str, purpose: str) -> ModuleType:
-    """Import ``module`` or raise MissingDependencyError naming the pip command."""
+def check_available(module: str, purpose: str) -> None:
+    """Raise MissingDependencyError naming the pip command unless ``module`` is installed."""
     if not is_available(module):
         extra = _EXTRAS.get(module.split(".")[0])
         cmd = f"pip install 'dlpipe[{extra}]'" if extra else f"pip install {module}"
         raise MissingDependencyError(f"{purpose} needs {module}, which is not installed; run: {cmd}")
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise MissingDependencyError naming the pip command."""
+    check_available(module, purpose)
     return importlib.import_module(module)

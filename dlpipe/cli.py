@@ -55,6 +55,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     dlpipe reshard   padded fixed-length data -> parallel variable-length shards
     dlpipe inspect   what a source or a dataset holds (schema, padding waste)
     dlpipe verify    re-read every shard and check it against the manifest
+    dlpipe bench     profile TF and PyTorch input pipelines, name the bottleneck
     """
     ctx.ensure_object(dict)["debug"] = debug
 
@@ -184,6 +185,60 @@ def verify(path):
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give counts like 1,2") from None
+
+
+@main.command()
+@click.argument("data", required=False, metavar="[DATA]")
+@click.option("--frameworks", default="tf,torch", show_default=True, help="Frameworks to measure: tf, torch.")
+@click.option("--cpu-procs", default="1,2", show_default=True, callback=_int_list,
+              help="CPU data-parallel process counts; each process is pinned to its own CPU set (NUMA node "
+              "where the host has them) and reads its own share of the shards.")
+@click.option("--gpus", default="all", show_default=True, help="GPUs for the data-parallel run: all, none or "
+              "ids like 0,1. Without GPUs the same code runs over 2 CPU devices (gloo; logical CPUs in TF).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True, help="Batches per timed repeat.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats; the report gives median "
+              "(min-max).")
+@click.option("--model", default="deepcal", show_default=True, help="deepcal: calibrate a real DeepCAL step, "
+              "then stand it in with a sleep of that length (MLPerf Storage's method); sleep:MS; none.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="PyTorch DataLoader workers.")
+@click.option("--records", type=int, default=200_000, show_default=True, help="Size of the built-in corpus "
+              "when DATA is omitted.")
+@click.option("--profile", is_flag=True, help="Also write a torch.profiler and a TensorFlow profiler trace "
+              "(open them with TensorBoard's profile plugin).")
+@click.option("-o", "--output", default="bench-out", show_default=True, metavar="DIR",
+              help="Where results.json, report.md, the plots and traces go.")
+@_debug_option
+@_friendly_errors
+def bench(data, frameworks, cpu_procs, gpus, batch_size, steps, repeats, model, num_workers, records, profile,
+          output):
+    """Profile TensorFlow and PyTorch input throughput, name the bottleneck, show parity.
+
+    DATA is a dlpipe dataset, a padded source directory (input_ids.npy, labels.npy; resharded
+    first), or omitted: then a DeepCAL-like corpus of real place names is built. For each
+    framework, on 1 and 2 CPU processes and on every GPU: each stage timed alone (the
+    constraint ledger), the whole pipeline, accelerator utilization at the model's step time,
+    and the old padded-input paths for comparison. Writes results.json (stable schema),
+    report.md and PNG plots to --output.
+    """
+    from dlpipe.benchmark.runner import run_bench
+
+    results = run_bench(data, output=output, frameworks=[f.strip() for f in frameworks.split(",") if f.strip()],
+                        cpu_procs=cpu_procs, gpus=gpus, batch_size=batch_size, steps=steps, repeats=repeats,
+                        model=model, num_workers=num_workers, records=records, profile=profile,
+                        say=lambda s: click.echo(f"dlpipe bench: {s}", err=True))
+    for t in results["targets"]:
+        state = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        click.echo(f"{state:4}  {t['name']}: {value} (goal {t['goal']})")
+    click.echo(f"report: {output}/report.md, results: {output}/results.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""``dlpipe bench``: measure TensorFlow and PyTorch input pipelines side by side.
+
+For each framework, on one CPU process and on several (each pinned to its own CPU set, reading
+its own share of the shards), and on every device: every stage timed alone (the constraint
+ledger), the whole pipeline (samples/s), accelerator utilization with the model replaced by its
+calibrated step time (MLPerf Storage's method), and the old padded-source input paths for
+comparison. Each measurement runs in a fresh process (``dlpipe.benchmark.worker``), so the
+frameworks never share one and CPU pinning happens before their thread pools start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from dlpipe._deps import check_available
+from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.ledger import Ledger
+from dlpipe.benchmark.machine import cpu_sets, describe, measure_ceilings
+from dlpipe.benchmark.report import render_report, write_plots
+from dlpipe.benchmark.results import make_results, make_run, make_target, save
+from dlpipe.benchmark.utilization import parse_model_spec, summarize_steps
+from dlpipe.errors import ConfigError, DlpipeError, FormatError
+from dlpipe.manifest import MANIFEST
+
+FRAMEWORKS = ("tf", "torch")
+_MODULES = {"tf": "tensorflow", "torch": "torch"}
+JOB_TIMEOUT_S = 1800
+
+
+def prepare_data(data: str | None, output: Path, *, records: int, say: Callable[[str], None]) -> tuple[str, str | None]:
+    """(dlpipe dataset dir, padded source dir or None) for ``DATA``.
+
+    None builds the DeepCAL-like corpus from real place names; a directory holding
+    ``input_ids.npy`` and ``labels.npy`` is a padded source and is resharded first; a dlpipe
+    dataset is used as it is (baselines then need ``--source``).
+    """
+    from dlpipe.engine import reshard
+
+    if data is None:
+        from dlpipe.benchmark.corpus import build_corpus
+
+        source = output / "corpus"
+        say(f"building the DeepCAL-like corpus ({records:,} records) in {source}")
+        build_corpus(source, num_records=records)
+    elif os.path.isfile(os.path.join(data, MANIFEST)):
+        return data, None
+    elif os.path.isfile(os.path.join(data, "input_ids.npy")):
+        source = Path(data)
+    else:
+        raise FormatError(data, "is neither a dlpipe dataset (dataset_info.json) nor a padded source "
+                          "(input_ids.npy, labels.npy)", hint="run dlpipe reshard first, or omit DATA to "
+                          "benchmark the built-in DeepCAL-like corpus")
+    shards = output / "shards"
+    specs = [f"input_ids={source / 'input_ids.npy'}"]
+    if (source / "labels.npy").exists():
+        specs.append(f"labels={source / 'labels.npy'}")
+    summary = reshard(specs, shards, pad_id=0, num_shards=8, num_shards_multiple_of=4, progress=False)
+    say(f"resharded: {summary}")
+    return str(shards), str(source)
+
+
+def _run_jobs(jobs: list[dict]) -> list[dict]:
+    """Run worker processes concurrently; their JSON results in job order."""
+    procs = []
+    for job in jobs:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+        if job.get("cuda_visible") is not None:
+            env["CUDA_VISIBLE_DEVICES"] = job["cuda_visible"]
+        p = subprocess.Popen([sys.executable, "-m", "dlpipe.benchmark.worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        p.stdin.write(json.dumps(job))
+        p.stdin.close()
+        procs.append(p)
+    out = []
+    for job, p in zip(jobs, procs):
+        stdout = p.stdout.read()
+        stderr = p.stderr.read()
+        p.wait(timeout=JOB_TIMEOUT_S)
+        try:
+            result = json.loads(stdout)
+        except ValueError:
+            tail = stderr.strip().splitlines()[-1:] or ["no output"]
+            raise DlpipeError(f"bench worker ({job['framework']}, steps {job['steps']}) died: {tail[0]}") from None
+        if "error" in result:
+            raise DlpipeError(f"bench worker ({job['framework']}): {result['error']}")
+        out.append(result)
+    return out
+
+
+def _run_entry(framework: str, setting: str, parts: list[FrameworkResult], *, model: str,
+               feed_steps_per_s: float | None = None) -> dict[str, Any]:
+    """One results.json run from the per-process results of one setting (rates add up)."""
+    first = parts[0]
+    repeats = min(len(p.samples_per_s) for p in parts)
+    samples = [sum(p.samples_per_s[i] for p in parts) for i in range(repeats)]
+    tokens = [sum(p.tokens_per_s[i] for p in parts) for i in range(repeats)] if all(p.tokens_per_s for p in parts) else None
+    ledger = Ledger.build(first.stages, median(first.samples_per_s)) if first.stages else None
+    au = None
+    if first.wait_s and first.compute_s and len(first.wait_s) > 1:
+        au = summarize_steps(first.wait_s, first.compute_s, model=model, feed_steps_per_s=feed_steps_per_s)
+    notes = list(first.notes)
+    if len(parts) > 1:
+        notes.append(f"{len(parts)} processes ran at once, each on its own CPU set and share of the shards; "
+                     "samples/s add up, the ledger is rank 0's")
+    return make_run(framework, setting, first.loader, samples, tokens_per_s=tokens, ledger=ledger, au=au,
+                    notes=notes)
+
+
+def run_bench(
+    data: str | None = None,
+    *,
+    output: str | os.PathLike[str] = "bench-out",
+    frameworks: Sequence[str] = FRAMEWORKS,
+    cpu_procs: Sequence[int] = (1, 2),
+    gpus: str = "all",
+    batch_size: int = 256,
+    steps: int = 100,
+    repeats: int = 3,
+    model: str = "deepcal",
+    num_workers: int = 0,
+    records: int = 200_000,
+    profile: bool = False,
+    say: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Run the benchmark and write ``results.json``, ``report.md`` and plots to ``output``."""
+    for fw in frameworks:
+        if fw not in FRAMEWORKS:
+            raise ConfigError(f"framework {fw!r}; use tf and/or torch")
+        check_available(_MODULES[fw], f"dlpipe bench --frameworks {fw}")  # fail early, naming pip
+    if not cpu_procs or any(p < 1 for p in cpu_procs):
+        raise ConfigError(f"cpu_procs={list(cpu_procs)}; give process counts >= 1, e.g. 1,2")
+    spec = parse_model_spec(model)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, source = prepare_data(data, out, records=records, say=say)
+    machine = describe()
+    say("measuring the machine's ceilings")
+    ceilings = measure_ceilings(data_dir)
+    gpu_ids = _gpu_ids(gpus, machine)
+    device = "cuda" if gpu_ids else "cpu"
+
+    runs, targets = [], []
+    for fw in frameworks:
+        base = BenchConfig(data=data_dir, source=source, batch_size=batch_size, steps=steps, repeats=repeats,
+                           model="none", device=device, num_workers=num_workers,
+                           profile_dir=str(out / "profile" / fw) if profile else None)
+        if spec.kind == "sleep":
+            base = replace(base, step_s=spec.sleep_ms / 1000)
+        rates = {}
+        for procs in cpu_procs:
+            sets = cpu_sets(procs)
+            first_steps = ["dlpipe"]
+            if procs == min(cpu_procs) and spec.kind != "none":
+                first_steps = (["calibrate"] if spec.kind == "deepcal" else []) + ["dlpipe", "dlpipe-sleep"]
+                first_steps += ["baselines"] if source else []
+            jobs = [{"framework": fw, "cpus": sets[r], "cuda_visible": ",".join(map(str, gpu_ids[:1])) if gpu_ids else None,
+                     "config": replace(base, world_size=procs, rank=r,
+                                       profile_dir=base.profile_dir if procs == min(cpu_procs) and r == 0 else None).to_json(),
+                     "steps": first_steps if r == 0 else ["dlpipe"]} for r in range(procs)]
+            say(f"{fw}: {procs} CPU process(es): {', '.join(first_steps)}")
+            results = _run_jobs(jobs)
+            parts = [FrameworkResult.from_json(r["dlpipe"]) for r in results]
+            setting = f"cpu-procs={procs}"
+            entry = _run_entry(fw, setting, parts, model="none")
+            runs.append(entry)
+            rates[procs] = entry["samples_per_s"]["median"]
+            lead = results[0]
+            if "dlpipe_sleep" in lead:
+                step_s = lead.get("step_s") or base.step_s
+                feed = entry["samples_per_s"]["median"] / batch_size
+                label = f"train cpu-procs={procs}"
+                sleep_model = f"sleep:{step_s * 1000:.1f}"
+                runs.append(_run_entry(fw, label, [FrameworkResult.from_json(lead["dlpipe_sleep"])], model=sleep_model,
+                                       feed_steps_per_s=feed))
+                for b in lead.get("baselines", []):
+                    runs.append(_run_entry(fw, label, [FrameworkResult.from_json(b)], model=sleep_model))
+                au = runs[-1 - len(lead.get("baselines", []))]["au"]
+                if au:
+                    targets.append(make_target(f"{fw}: AU with dlpipe at the DeepCAL step ({sleep_model} ms)",
+                                               au["au"], at_least=0.9))
+        if 1 in rates and 2 in rates:
+            targets.append(make_target(f"{fw}: dlpipe samples/s, 2 CPU processes / 1", rates[2] / rates[1],
+                                       at_least=1.6))
+        n_dev = len(gpu_ids) if gpu_ids else 2
+        say(f"{fw}: data-parallel over {n_dev} {'GPUs' if gpu_ids else 'CPU devices'}")
+        dev_job = {"framework": fw, "cpus": None, "cuda_visible": ",".join(map(str, gpu_ids)) if gpu_ids else None,
+                   "config": replace(base, devices=n_dev, profile_dir=None).to_json(), "steps": ["devices"]}
+        dev = FrameworkResult.from_json(_run_jobs([dev_job])[0]["devices"])
+        runs.append(_run_entry(fw, f"devices={n_dev}x{'gpu' if gpu_ids else 'cpu'}", [dev], model="none"))
+
+    config = {"data": data_dir, "source": source, "frameworks": list(frameworks), "cpu_procs": list(cpu_procs),
+              "gpus": gpu_ids, "batch_size": batch_size, "steps": steps, "repeats": repeats, "model": model,
+              "num_workers": num_workers, "profile": profile}
+    results = make_results(machine=machine, ceilings=ceilings, config=config, runs=runs, targets=targets)
+    best = next((p for p in results["parity"] if p.get("setting") == "best"), None)
+    if best is not None:
+        results["targets"].append(make_target("TF/PyTorch parity at the best setting of each", best["ratio"],
+                                              at_least=0.8, at_most=1.25))
+    save(results, out)
+    (out / "report.md").write_text(render_report(results))
+    write_plots(results, out)
+    return results
+
+
+def _gpu_ids(gpus: str, machine: dict) -> list[int]:
+    found = list(range(len(machine.get("gpus") or [])))
+    if gpus in ("all", ""):
+        return found
+    if gpus == "none":
+        return []
+    try:
+        wanted = [int(g) for g in gpus.split(",")]
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus!r}; use all, none or a list like 0,1") from None
+    missing = [g for g in wanted if g not in found]
+    if missing:
+        raise ConfigError(f"--gpus {gpus}: no GPU {missing} on this machine (found {len(found)})")
+    return wanted
