@@ -38,7 +38,7 @@ class DeepCalTorch(nn.Module):
     def forward(self, input_ids, attention_mask):
         ids = torch.remainder(input_ids.long(), self.vocab)
         mask = attention_mask.to(torch.float32).unsqueeze(1)  # [B, 1, L]
-        x = self.embed(ids).transpose(1, 2) * mask  # [B, C, L]
+        x = self.embed(ids).transpose(1, 2).contiguous() * mask  # [B, C, L]; contiguous: conv backward is slow otherwise
         x = torch.relu(self.conv1(x)) * mask  # zero the padding again so more of it changes nothing
         x = torch.relu(self.conv2(x)) * mask
         pooled = x.sum(dim=2) / mask.sum(dim=2).clamp_min(1.0)
