@@ -152,18 +152,22 @@ def padded_length(longest: int, *, pad_to_multiple_of: int | None = None,
     return int(longest)
 
 
-def default_boundaries(info: DatasetInfo, column: str, *, num_buckets: int = 8,
-                       pad_to_multiple_of: int | None = None) -> list[int]:
-    """Bucket boundaries at length quantiles of ``column`` (recorded by reshard), ending at its
-    longest record, rounded up to ``pad_to_multiple_of``; a small fixed set of shapes."""
+def default_boundaries(info: DatasetInfo, column: str, *, max_ratio: float = 1.2,
+                       max_buckets: int = 32, pad_to_multiple_of: int | None = None) -> list[int]:
+    """Bucket boundaries for ``column``: geometric steps of at most ``max_ratio`` from its shortest
+    to its longest record (as recorded by reshard).
+
+    A record padded to the next boundary then wastes at most ``1 - 1/max_ratio`` of its padded
+    length and about half that on average (>= 90% padding efficiency at 1.2), with a small fixed
+    set of shapes (so tf.data does not retrace). Rounded up to ``pad_to_multiple_of``.
+    """
     stats = info.raw["dlpipe"]["columns"].get(column, {}).get("lengths")
     if not stats:
         raise ConfigError(f"column {column!r} is not a variable-length column; cannot bucket by it")
-    q = np.asarray(stats["quantiles"])  # every 5th percentile
-    picks = q[np.linspace(0, len(q) - 1, num_buckets + 1).round().astype(int)[1:]]
-    picks = np.append(picks, stats["max"])
-    bounds = sorted({padded_length(max(int(p), 1), pad_to_multiple_of=pad_to_multiple_of) for p in picks})
-    return bounds
+    lo, top = max(int(stats["min"]), 1), max(int(stats["max"]), 1)
+    steps = min(max_buckets - 1, max(1, math.ceil(math.log(max(top / lo, 1.0)) / math.log(max_ratio))))
+    picks = np.unique(np.ceil(lo * (top / lo) ** (np.arange(steps + 1) / steps)).astype(int))
+    return sorted({padded_length(int(p), pad_to_multiple_of=pad_to_multiple_of) for p in picks} | {top})
 
 
 def bucket_ids(lengths: np.ndarray, boundaries: Sequence[int]) -> np.ndarray:

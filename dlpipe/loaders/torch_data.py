@@ -78,6 +78,7 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
 # small batches that is ~8x faster than tensors, each of which PyTorch moves into its own
 # shared-memory segment and passes as a file descriptor; bigger batches go as tensors.
 PIPE_BYTES = 1 << 20
+BUCKET_WINDOW_BATCHES = 64  # records grouped by length bucket come from windows of this many batches
 
 __all__ = ["DlpipeDataLoader", "ShardIterableDataset", "resolve_world", "to_torch_dataloader"]
 
@@ -154,6 +155,8 @@ class ShardIterableDataset(IterableDataset):
         self.boundaries = self._boundaries(bucket_boundaries)
         # records per window = the shuffle buffer; whole batches so windows never share one
         self.window_batches = max(1, math.ceil(source.buffer_size / batch_size))
+        if self.boundaries is not None:  # grouping by length needs many batches to choose from
+            self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
         self._epoch = torch.tensor(int(source.epoch), dtype=torch.int64).share_memory_()
         self._reader = ShardReader(source.info, source.columns)
         self._resume: dict[str, int] | None = None
