@@ -190,39 +190,46 @@ def collate(
     encodings: Mapping[str, ColumnEncoding],
     pad_values: Mapping[str, float | int],
     *,
+    rows: np.ndarray | None = None,
     pad_to_multiple_of: int | None = None,
     boundaries: Sequence[int] | None = None,
     padding_side: str = "right",
     return_attention_mask: bool = True,
 ) -> dict[str, np.ndarray]:
-    """One batch of numpy arrays under the padding rule (see the module docstring)."""
+    """One batch of numpy arrays under the padding rule (see the module docstring).
+
+    With ``rows``, ``columns`` hold a whole window and the batch is those rows, gathered straight
+    into the padded arrays (one gather per column instead of a ragged copy and a scatter).
+    """
     if padding_side not in ("right", "left"):
         raise ConfigError(f"padding_side={padding_side!r}; use 'right' or 'left'")
     out: dict[str, np.ndarray] = {}
-    mask_lengths = None
+    mask = None
     for name, (values, splits) in columns.items():
         enc = encodings[name]
-        n = len(splits) - 1
-        inner_shape = tuple(enc.shape[1:]) if enc.variable else tuple(enc.shape)
+        idx = np.arange(len(splits) - 1) if rows is None else np.asarray(rows)
+        starts = splits[idx]
+        n = len(idx)
         if not enc.variable:
-            out[name] = values.reshape((n, *inner_shape))
+            shape = tuple(enc.shape)
+            take = starts[:, None] + np.arange(enc.inner)
+            out[name] = values[take].reshape((n, *shape))
             continue
-        steps = np.diff(splits) // enc.inner
+        steps = (splits[idx + 1] - starts) // enc.inner
         width = padded_length(int(steps.max()) if n else 0, pad_to_multiple_of=pad_to_multiple_of,
                               boundaries=boundaries)
+        pos = np.arange(width)[None, :]
+        shift = np.zeros((n, 1), np.int64) if padding_side == "right" else (width - steps)[:, None]
+        real = (pos >= shift) & (pos < shift + steps[:, None])
+        src = starts[:, None, None] + ((pos - shift) * enc.inner)[:, :, None] + np.arange(enc.inner)
+        gathered = values[np.where(real[:, :, None], src, 0)] if len(values) else np.zeros(src.shape, values.dtype)
         pad = pad_values.get(name)
-        batch = np.full((n, width, enc.inner), 0 if pad is None else pad, dtype=values.dtype)
-        pos = np.arange(width)[None, :]
-        real = pos < steps[:, None] if padding_side == "right" else pos >= (width - steps)[:, None]
-        batch[real] = values.reshape(-1, enc.inner)
-        out[name] = batch.reshape((n, width, *inner_shape))
-        if mask_lengths is None:
-            mask_lengths = (steps, width)
-    if return_attention_mask and mask_lengths is not None and MASK not in out:
-        steps, width = mask_lengths
-        pos = np.arange(width)[None, :]
-        real = pos < steps[:, None] if padding_side == "right" else pos >= (width - steps)[:, None]
-        out[MASK] = real.astype(np.int64)
+        batch = np.where(real[:, :, None], gathered, values.dtype.type(0 if pad is None else pad))
+        out[name] = batch.reshape((n, width, *enc.shape[1:]))
+        if mask is None:
+            mask = real
+    if return_attention_mask and mask is not None and MASK not in out:
+        out[MASK] = mask.astype(np.int64)
     return out
 
 

@@ -319,6 +319,8 @@ class ShardIterableDataset(IterableDataset):
                     self._progress["batches_yielded"] += 1
                     yield batch
                 skip = 0
+        except GeneratorExit:  # closed early (or at exit, when module globals may be gone)
+            raise
         except DlpipeError as e:
             if worker_id is None or not self.loader_transport:
                 raise
@@ -328,11 +330,11 @@ class ShardIterableDataset(IterableDataset):
         if self.collate_fn is not None:
             out = self.collate_fn(self._records(cols, rows))
         else:
-            picked = {n: take_rows(cols[n], rows) for n in self.encodings}
             out = collate(
-                picked,
+                {n: cols[n] for n in self.encodings},
                 self.encodings,
                 self.source.info.pad_values,
+                rows=rows,
                 pad_to_multiple_of=self.pad_to_multiple_of,
                 boundaries=self.boundaries,
                 padding_side=self.padding_side,
