@@ -35,6 +35,9 @@ def run_job(job: dict) -> dict:
         for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
             os.environ.setdefault(var, n)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # OpenMP threads that spin while waiting turn any competing process (a loader worker, the
+    # other rank) into an 18x slower step on a small machine; waiting passively costs little
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     measurer = importlib.import_module(MEASURERS[framework])
     cfg = BenchConfig.from_json(job["config"])
     out: dict = {"framework": framework, "rank": cfg.rank, "cpus": cpus}

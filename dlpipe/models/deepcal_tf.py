@@ -1,69 +1,118 @@
-"""The DeepCAL-like geocoder in TensorFlow/Keras (see ``dlpipe.models``)."""
+"""The DeepCAL-like geocoder in TensorFlow/Keras (architecture and loss: see ``dlpipe.models``).
+
+A functional Keras model rather than a subclass: ``seq_len`` becomes the input shape, and
+``summary``, ``save`` and ``load_model`` work without registering a custom class.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
 from dlpipe._deps import require
-from dlpipe.models import CHANNELS, COORD_SCALE, EMBED, HIDDEN, KERNEL, VOCAB, init_weights
+from dlpipe.models import COORD_SCALE, VOCAB, check_weights, conv_layer_count, init_weights
+
+FEATURES = ("input_ids", "attention_mask")
 
 
-def build_tf_model(vocab: int = VOCAB, weights: dict[str, np.ndarray] | None = None, seed: int = 0):
-    """A Keras model taking ``{"input_ids", "attention_mask"}`` ([B, L], any L) -> [B, 2]."""
-    tf = require("tensorflow", "the DeepCAL TensorFlow model")
-    keras = tf.keras
+@functools.cache
+def _tf() -> Any:
+    # cached, and a C-level wrapper, so AutoGraph calls it as is inside a tf.function instead of
+    # converting the import machinery behind ``require`` (which warns that it has no source)
+    return require("tensorflow", "the DeepCAL TensorFlow model")
+
+
+def build_tf_model(
+    vocab: int = VOCAB,
+    seq_len: int | None = None,
+    *,
+    weights: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> Any:
+    """A ``keras.Model`` mapping ``{"input_ids", "attention_mask"}`` ([B, L] ints) to [B, 2].
+
+    ``seq_len=None`` accepts any L per batch (what bucketed batches need). ``weights`` (from
+    ``dlpipe.models.init_weights`` or ``weights_from_torch``) default to ``init_weights(seed)``.
+    """
+    keras = _tf().keras
+    ops = keras.ops
     w = init_weights(seed, vocab) if weights is None else weights
-
-    class DeepCal(keras.Model):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = keras.layers.Embedding(vocab, EMBED)
-            self.conv1 = keras.layers.Conv1D(CHANNELS, KERNEL, padding="same", activation="relu")
-            self.conv2 = keras.layers.Conv1D(CHANNELS, KERNEL, padding="same", activation="relu")
-            self.dense = keras.layers.Dense(HIDDEN, activation="relu")
-            self.out = keras.layers.Dense(2)
-
-        def call(self, inputs: dict[str, Any]):
-            ids = tf.math.floormod(tf.cast(inputs["input_ids"], tf.int64), vocab)
-            mask = tf.cast(inputs["attention_mask"], tf.float32)[:, :, None]
-            x = self.embed(ids) * mask
-            x = self.conv1(x) * mask  # zero the padding again so more of it changes nothing
-            x = self.conv2(x) * mask
-            pooled = tf.reduce_sum(x, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
-            return self.out(self.dense(pooled))
-
-    model = DeepCal()
-    model({"input_ids": tf.zeros([1, KERNEL], tf.int64), "attention_mask": tf.ones([1, KERNEL], tf.int64)})
-    model.embed.set_weights([w["embed"]])
-    model.conv1.set_weights([w["conv1_w"], w["conv1_b"]])
-    model.conv2.set_weights([w["conv2_w"], w["conv2_b"]])
-    model.dense.set_weights([w["dense_w"], w["dense_b"]])
-    model.out.set_weights([w["out_w"], w["out_b"]])
+    check_weights(w, vocab)
+    kernel, embed, channels = w["conv1_w"].shape
+    ids_in = keras.Input((seq_len,), dtype="int64", name="input_ids")
+    mask_in = keras.Input((seq_len,), dtype="int64", name="attention_mask")
+    mask = ops.expand_dims(ops.cast(mask_in, "float32"), -1)  # [B, L, 1]
+    x = keras.layers.Embedding(vocab, embed, name="embed")(ops.mod(ids_in, vocab)) * mask
+    for i in range(1, conv_layer_count(w) + 1):
+        conv = keras.layers.Conv1D(
+            channels, kernel, padding="same", activation="relu", name=f"conv{i}"
+        )
+        x = conv(x) * mask  # zero the padding again, so more of it changes nothing
+    pooled = ops.sum(x, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
+    hidden = keras.layers.Dense(w["dense_w"].shape[1], activation="relu", name="dense")(pooled)
+    out = keras.layers.Dense(2, name="out")(hidden)
+    model = keras.Model({"input_ids": ids_in, "attention_mask": mask_in}, out, name="deepcal")
+    for layer in model.layers:
+        if layer.weights:
+            names = ("embed",) if layer.name == "embed" else (f"{layer.name}_w", f"{layer.name}_b")
+            layer.set_weights([w[n] for n in names])
     return model
 
 
-def deepcal_loss(labels, predictions):
-    """MSE of coordinates divided by (90, 180); ``labels`` in degrees. Usable in ``compile``."""
-    tf = require("tensorflow", "the DeepCAL TensorFlow model")
-    target = tf.cast(labels, tf.float32) / COORD_SCALE
-    return tf.reduce_mean(tf.square(target - predictions))
+def weights_from_tf(model: Any) -> dict[str, np.ndarray]:
+    """The model's current weights as the canonical dict (e.g. for ``DeepCalTorch(weights=...)``)."""
+    out: dict[str, np.ndarray] = {}
+    for layer in model.layers:
+        values = [np.asarray(v) for v in layer.get_weights()]
+        if layer.name == "embed":
+            out["embed"] = values[0]
+        elif values:
+            out[f"{layer.name}_w"], out[f"{layer.name}_b"] = values
+    return out
 
 
-def tf_train_step(model, optimizer):
-    """A ``tf.function`` doing one optimizer step on ``(features, labels)``; returns the loss.
+def deepcal_loss(labels: Any, predictions: Any) -> Any:
+    """MSE of (lat / 90, lon / 180) against ``predictions``; ``labels`` [B, 2] in degrees.
 
-    ``reduce_retracing`` keeps one graph for every batch width.
+    A plain function of (y_true, y_pred), so ``model.compile(loss=deepcal_loss)`` works.
     """
-    tf = require("tensorflow", "the DeepCAL TensorFlow model")
+    tf = _tf()
+    target = tf.cast(labels, tf.float32) / COORD_SCALE
+    return tf.reduce_mean(tf.square(target - tf.cast(predictions, tf.float32)))
+
+
+# what ``dlpipe bench`` compiles Keras baselines with
+TF_LOSS = deepcal_loss
+
+
+def tf_train_step(model: Any, optimizer: Any) -> Any:
+    """A ``tf.function`` ``step(features, labels) -> loss``: one optimizer step on a batch.
+
+    ``features`` holds ``input_ids`` and ``attention_mask`` ([B, L]); ``labels`` is [B, 2] in
+    degrees. ``reduce_retracing`` keeps one graph for every batch width. The loss comes back
+    as a tensor: reading it (``.numpy()``) waits for the step, so do that only when needed.
+    """
+    tf = _tf()
 
     @tf.function(reduce_retracing=True)
-    def step(features, labels):
+    def step(features: dict[str, Any], labels: Any) -> Any:
+        inputs = {k: features[k] for k in FEATURES}  # other keys (e.g. lengths) stay out
         with tf.GradientTape() as tape:
-            loss = deepcal_loss(labels, model(features, training=True))
+            loss = deepcal_loss(labels, model(inputs, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
     return step
+
+
+__all__ = [
+    "FEATURES",
+    "TF_LOSS",
+    "build_tf_model",
+    "deepcal_loss",
+    "tf_train_step",
+    "weights_from_tf",
+]
