@@ -164,9 +164,6 @@ def test_deepcal_calibrates_and_feeds_the_real_step(data, tiny_deepcal):
     assert any("real DeepCAL step at L=32 (padded)" in n for n in res.notes)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("dlpipe.models") is None, reason="no dlpipe.models yet"
-)
 def test_calibrate_the_real_deepcal(data):
     assert 0 < torch_bench.calibrate_step(config(data, steps=3)) < 10
 
