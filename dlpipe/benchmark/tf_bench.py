@@ -327,19 +327,23 @@ def _dlpipe_stages(
     auto = tf.data.AUTOTUNE
     files = _rank_files(info, cfg)
     n, reps, bs, comp = cfg.steps * cfg.batch_size, cfg.repeats, cfg.batch_size, _compression(info)
-    # read as the loader reads: files interleaved (up to 16 at once), parallel, in a fixed order
-    records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=comp), cycle_length=min(len(files), 16),
-        num_parallel_calls=auto, deterministic=True,
-    ).take(n)  # fmt: skip
-    stages = [_time_dataset("read", records.batch(bs), reps)]
+    # read as the loader reads: files interleaved (up to 16 at once) in blocks of serialized
+    # records, parallel, in a fixed order, then rebatched to the batch size
+    from dlpipe.loaders.tf_data import _BLOCK
+
+    blocks = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=comp).batch(_BLOCK),
+        cycle_length=min(len(files), 16), num_parallel_calls=auto, deterministic=True,
+    )  # fmt: skip
+    stages = [_time_dataset("read", blocks.rebatch(bs).take(-(-n // bs)), reps)]
+    records = blocks.unbatch().take(n)  # the later stages start from these records, cached
     plain = _time_dataset(
         "read", tf.data.TFRecordDataset(files, compression_type=comp).take(n).batch(bs), 1
     )
     nbytes = sum(os.path.getsize(f) for f in files)
     notes.append(f"read: {len(files)} shard file(s) of this rank ({nbytes / 1e6:.1f} MB) interleaved as "
-                 "to_tf_dataset does, records grouped into batches of serialized strings so Python sees "
-                 f"one element per batch; one TFRecordDataset reading the files in turn: "
+                 f"to_tf_dataset does (blocks of {_BLOCK} serialized records, rebatched), one element per "
+                 f"batch; one TFRecordDataset reading the files in turn: "
                  f"{plain.capacity:,.0f} records/s")  # fmt: skip
 
     encodings = {c: info.columns[c] for c in (FEATURE, LABEL)}
