@@ -147,14 +147,8 @@ def _parity(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _speedups(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """dlpipe ÷ each baseline, same framework and setting."""
-    # input-pipeline runs only: "train ..." runs stand each framework's own model step in, so
-    # their samples/s compare the models, not the loaders
-    mine = {
-        (r["framework"], r["setting"]): r
-        for r in runs
-        if r["loader"] == OPTIMIZED_LOADER and not r["setting"].startswith("train")
-    }
+    """dlpipe ÷ each baseline, same framework and setting (the same stand-in model step)."""
+    mine = {(r["framework"], r["setting"]): r for r in runs if r["loader"] == OPTIMIZED_LOADER}
     rows = []
     for r in runs:
         opt = mine.get((r["framework"], r["setting"]))
