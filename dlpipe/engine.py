@@ -31,7 +31,7 @@ from dlpipe._units import format_bytes, parse_size
 from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding, varint_bytes_total
 from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
 from dlpipe.formats.packing import flat_rows, steps, varint_size
-from dlpipe.formats.tfrecord import index_lines
+from dlpipe.formats.tfrecord import index_lines, open_compressed_writer
 from dlpipe.manifest import MANIFEST, ShardInfo, build_manifest, write_json_atomic
 from dlpipe.output_dir import STATE_DIR, prepare_output, remove_temporaries
 from dlpipe.padding import (
@@ -454,7 +454,7 @@ def _write_shard_task(args) -> ShardInfo:
         tokens, offset = 0, 0
         with open(tmp, "wb") as raw, open(index_tmp, "w") as index_file:
             hashed = _HashingWriter(raw)
-            out = shard_formats_stream(hashed, job)
+            out = open_compressed_writer(hashed, job.compression)
             for where, ids, chunk in _batches(job, rows):
                 lengths = task_lengths[where].astype(np.int64)
                 is_left = np.full(len(lengths), job.spec.side == "left") if task_left is None else task_left[where]
@@ -482,12 +482,6 @@ def _write_shard_task(args) -> ShardInfo:
         hint = "free some space or choose another --output, then rerun to resume" if e.errno == errno.ENOSPC \
             else "check the --output location, then rerun to resume"
         raise OutputError(f"{final}: cannot write ({e.strerror or e}); {hint}") from None
-
-
-def shard_formats_stream(raw, job: _Job):
-    from dlpipe.formats.tfrecord import open_compressed_writer
-
-    return open_compressed_writer(raw, job.compression)
 
 
 def _hash(obj) -> str:

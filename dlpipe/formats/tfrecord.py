@@ -24,13 +24,11 @@ import google_crc32c
 import numpy as np
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.packing import Piece, pack, scatter_ragged
+from dlpipe.formats.packing import Piece, Ragged, pack
 
 HEADER_BYTES = 12  # length + length-crc
 FOOTER_BYTES = 4
-FRAME_OVERHEAD = HEADER_BYTES + FOOTER_BYTES
 _MASK_DELTA = np.uint32(0xA282EAD8)
-COMPRESSIONS = (None, "gzip", "zlib")
 
 
 def _mask(crc: np.ndarray) -> np.ndarray:
@@ -63,26 +61,8 @@ def frame_records(payload: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.diff(offsets)
-    n = len(lengths)
-    frame_offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths + FRAME_OVERHEAD, out=frame_offsets[1:])
-    out = np.empty(int(frame_offsets[-1]), dtype=np.uint8)
-    starts = frame_offsets[:-1]
-
-    # Headers: 8-byte length + masked CRC of those 8 bytes. Lengths repeat a lot, so the CRC is
-    # computed once per distinct length.
-    len_bytes = lengths.astype("<u8").view(np.uint8).reshape(n, 8)
-    uniq, inverse = np.unique(lengths, return_inverse=True)
-    uniq_crc = _length_crcs(uniq)
-    header = np.empty((n, HEADER_BYTES), dtype=np.uint8)
-    header[:, :8] = len_bytes
-    header[:, 8:] = uniq_crc[inverse].astype("<u4").view(np.uint8).reshape(n, 4)
-    _scatter_rows(out, starts, header)
-
-    data_crc = _mask(crc32c_many(payload, offsets[:-1], offsets[1:]))
-    _scatter_rows(out, starts + HEADER_BYTES + lengths, data_crc.astype("<u4").view(np.uint8).reshape(n, 4))
-    scatter_ragged(out, starts + HEADER_BYTES, payload[offsets[0] : offsets[-1]], lengths)
-    return out, frame_offsets
+    flat = np.asarray(payload, dtype=np.uint8)[offsets[0] : offsets[-1]] if len(offsets) else payload[:0]
+    return frame_pieces([Ragged(flat, lengths)], lengths)
 
 
 def _length_crcs(lengths: np.ndarray) -> np.ndarray:
