@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[tf,torch,hf,hdf5,webdataset,bench,test]'
+	$(PY) -m pip install -q -e '.[tf,torch,hf,hdf5,webdataset,s3,ray,bench,test]'
 	touch $(STAMP)
 
 # The main job end to end on a DeepCAL-like corpus it builds from real place names.

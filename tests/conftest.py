@@ -35,3 +35,31 @@ def npy_corpus(tmp_path):
 def tf():
     tf = pytest.importorskip("tensorflow")
     return tf
+
+
+@pytest.fixture
+def s3_server(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with an empty bucket ``dlpipe``; killed afterwards."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_server import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3")))
+    server.start()
+    server.make_bucket("dlpipe")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def persistent_s3_server(tmp_path_factory):
+    """Like s3_server, but a kill and restart keeps what was stored (moto's recorder + replay)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_server import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3")), persist=True)
+    server.start()
+    server.make_bucket("dlpipe")
+    yield server
+    server.stop()

@@ -13,21 +13,32 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dlpipe.errors import ConfigError, FormatError
 from dlpipe.sources.base import Column, Source
+from dlpipe.storage import Location, is_remote
 
 __all__ = ["Column", "Source", "open_source", "source_kind"]
 
 _TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfrec")
 
 
-def source_kind(path: str, *, layout: str | None = None) -> str:
+def _split_name(spec: str) -> tuple[str | None, str]:
+    """``NAME=path`` -> (NAME, path); a path that merely holds ``=`` is left whole."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name and ":" not in name and not os.path.exists(spec):
+        return name, path
+    return None, spec
+
+
+def source_kind(path: str, *, layout: str | None = None, isdir: bool | None = None) -> str:
     """Which reader a path needs, from its name (and ``layout`` for raw binaries)."""
-    p = path.split("=", 1)[1] if "=" in path and not os.path.exists(path) else path
+    p = _split_name(path)[1]
     low = p.lower()
+    isdir = os.path.isdir(p) if isdir is None else isdir
     if layout is not None:
         return "raw"
     if low.endswith(".npy"):
@@ -36,7 +47,7 @@ def source_kind(path: str, *, layout: str | None = None) -> str:
         return "npz"
     if any(s in low for s in _TFRECORD_SUFFIXES):
         return "tfrecord"
-    if low.endswith(".parquet") or os.path.isdir(p):
+    if low.endswith(".parquet") or isdir:
         return "arrow"
     if low.endswith((".arrow",)):
         return "arrow"
@@ -60,11 +71,17 @@ def open_source(
     header_bytes: int = 0,
     compression: str | None = None,
     columns: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Source:
     """Open the inputs named by ``specs`` (see the module docstring) as one Source.
 
     ``columns`` limits Arrow/Parquet input to those columns (text columns cannot be resharded);
     other sources read every column and the engine keeps the selected ones.
+
+    Paths may be fsspec URLs (``s3://bucket/train.npy``; ``storage_options`` go to the
+    filesystem). ``.npy`` and raw fixed-width files are read in place with range requests, so
+    every worker fetches only its rows; other kinds are fetched once into the local cache
+    (``$DLPIPE_CACHE_DIR``, default ``~/.cache/dlpipe``) and read from there.
     """
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
@@ -72,15 +89,25 @@ def open_source(
     if not specs:
         raise ConfigError("no SOURCE given; name at least one input file")
     named: list[tuple[str | None, str]] = []
+    isdir = {}
     for spec in specs:
-        name, path = (spec.split("=", 1) if "=" in spec and not os.path.exists(spec) else (None, spec))
+        name, path = _split_name(spec)
         named.append((name, path))
-        file_part = path.split(":", 1)[0] if (".h5" in path or ".hdf5" in path) and not os.path.exists(path) else path
-        if not os.path.exists(file_part):
+        file_part = path.split(":", 1)[0] if not is_remote(path) and (".h5" in path or ".hdf5" in path) \
+            and not os.path.exists(path) else path
+        loc = Location(file_part, storage_options)
+        try:
+            exists = loc.exists()
+            isdir[path] = exists and loc.isdir()
+            empty = exists and not isdir[path] and loc.size() == 0
+        except OSError as e:
+            raise FormatError(file_part, f"cannot read it ({e.strerror or type(e).__name__})",
+                              hint="check the SOURCE URL and its credentials (--storage-option, AWS_* variables)") from None
+        if not exists:
             raise FormatError(file_part, "no such file or directory", hint="check the SOURCE path")
-        if os.path.isfile(file_part) and os.path.getsize(file_part) == 0:
+        if empty:
             raise FormatError(file_part, "file is empty", hint="pass a non-empty input")
-    kinds = {source_kind(p, layout=layout) for _, p in named}
+    kinds = {source_kind(p, layout=layout, isdir=isdir[p]) for _, p in named}
     if len(kinds) > 1:
         raise ConfigError(f"SOURCE arguments mix input types ({', '.join(sorted(kinds))}); pass one type at a time")
     kind = kinds.pop()
@@ -94,20 +121,28 @@ def open_source(
             if name in files:
                 raise ConfigError(f"column {name!r} is given twice; name columns as NAME=path.npy")
             files[name] = path
-        return NpySource(files)
+        return NpySource(files, storage_options)
     if any(name is not None for name, _ in named):
         raise ConfigError("NAME=path is only for .npy columns; other sources name their own columns")
     paths = [p for _, p in named]
+    if kind == "raw":
+        from dlpipe.sources.raw import RawSource
+
+        return RawSource(paths, layout=layout, header_bytes=header_bytes, storage_options=storage_options)
+    if any(is_remote(p) for p in paths):
+        source = _open_local(kind, [Location(p, storage_options).local_copy() for p in paths], compression, columns)
+        source.origins = paths
+        return source
+    return _open_local(kind, paths, compression, columns)
+
+
+def _open_local(kind: str, paths: list[str], compression: str | None, columns: Sequence[str] | None) -> Source:
     if kind == "npz":
         if len(paths) != 1:
             raise ConfigError("pass one .npz archive at a time")
         from dlpipe.sources.npy import NpzSource
 
         return NpzSource(paths[0])
-    if kind == "raw":
-        from dlpipe.sources.raw import RawSource
-
-        return RawSource(paths, layout=layout, header_bytes=header_bytes)
     if kind == "tfrecord":
         from dlpipe.sources.tfrecord import TFRecordSource
 

@@ -7,10 +7,12 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dlpipe.errors import FormatError
+from dlpipe.storage import Location
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,13 @@ class Source(abc.ABC):
 
     kind: str = "source"
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+    #: where the paths came from when they are local copies of remote objects (for the manifest)
+    origins: list[str] | None = None
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]],
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.paths = [os.fspath(p) for p in paths]
+        self.locations = [Location(p, storage_options) for p in self.paths]
 
     @property
     @abc.abstractmethod
@@ -70,18 +77,15 @@ class Source(abc.ABC):
 
     @property
     def num_bytes(self) -> int:
-        return sum(os.path.getsize(p) for p in self.paths if os.path.isfile(p))
+        return sum(loc.size() for loc in self.locations if loc.isfile())
 
     def fingerprint(self) -> str:
-        """Identity of the input: kind, paths, sizes and modification times (as HF datasets does)."""
+        """Identity of the input: kind, paths, sizes and modification times or ETags (as HF
+        datasets does); never credentials."""
         h = hashlib.sha256(self.kind.encode())
-        for p in self.paths:
-            files = [p]
-            if os.path.isdir(p):
-                files = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs)
-            for f in files:
-                st = os.stat(f)
-                h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        for loc in self.locations:
+            for f in loc.walk_files():
+                h.update(f"{f.identity()}\0".encode())
         for name, c in self.columns.items():
             h.update(f"{name}:{c.dtype.str}:{c.shape}".encode())
         return h.hexdigest()[:32]

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import ast
+import io
 import os
 import zipfile
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from dlpipe.errors import FormatError
 from dlpipe.sources.base import Column, Source, check_row_counts
+from dlpipe.sources.ranged import RangeRows
+from dlpipe.storage import Location
 
 _MAGIC = b"\x93NUMPY"
+_HEADER_READ = 1 << 16  # numpy pads headers to 64 bytes; 64 KiB covers any real one
 
 
 def read_npy_header(f, path: str, base: int = 0) -> tuple[np.dtype, tuple[int, ...], bool, int]:
@@ -46,22 +51,32 @@ def read_npy_header(f, path: str, base: int = 0) -> tuple[np.dtype, tuple[int, .
     return dtype, shape, fortran, base + start + hlen
 
 
+def _header_stream(loc: Location, size: int):
+    """The start of a .npy file as a file object (one small range request when remote)."""
+    if not loc.remote:
+        return open(loc.url, "rb")
+    return io.BytesIO(loc.read_bytes(0, min(size, _HEADER_READ)))
+
+
 class NpySource(Source):
     """Columns from ``.npy`` files, each a 1-D or N-D array whose first axis is the record."""
 
     kind = "npy"
     _unpicklable = ("_maps",)
 
-    def __init__(self, files: Mapping[str, str | os.PathLike[str]]) -> None:
-        super().__init__(list(files.values()))
+    def __init__(self, files: Mapping[str, str | os.PathLike[str]],
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(list(files.values()), storage_options)
         self._files = {name: os.fspath(p) for name, p in files.items()}
+        self._where = dict(zip(self._files, self.locations))
         self._layout: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         counts = {}
         for name, path in self._files.items():
-            size = os.path.getsize(path)
+            loc = self._where[name]
+            size = loc.size()
             if size == 0:
                 raise FormatError(path, "file is empty", hint="pass a .npy file written by numpy.save")
-            with open(path, "rb") as f:
+            with _header_stream(loc, size) as f:
                 dtype, shape, fortran, offset = read_npy_header(f, path)
             if len(shape) == 0:
                 raise FormatError(path, "a 0-d array has no records", hint="save one row per record")
@@ -89,10 +104,17 @@ class NpySource(Source):
     def _open(self) -> dict[str, np.ndarray]:
         if self._maps is None:
             self._maps = {
-                name: np.memmap(self._files[name], dtype=d, mode="r", offset=off, shape=s)
+                name: RangeRows(self._where[name], d, s, off) if self._where[name].remote
+                else np.memmap(self._files[name], dtype=d, mode="r", offset=off, shape=s)
                 for name, (d, s, off) in self._layout.items()
             }
         return self._maps
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        if not any(loc.remote for loc in self.locations):
+            return super().take(indices)
+        cols = self.columns
+        return {name: np.asarray(m[indices], dtype=cols[name].dtype) for name, m in self._open().items()}
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         cols = self.columns

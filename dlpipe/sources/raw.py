@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from dlpipe.errors import ConfigError, FormatError
 from dlpipe.sources.base import Column, Source
+from dlpipe.sources.ranged import RangeRows
 
 __all__ = ["RawSource", "parse_layout"]
 
@@ -122,10 +124,11 @@ class RawSource(Source):
         *,
         layout: str,
         header_bytes: int = 0,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        super().__init__(paths)
+        super().__init__(paths, storage_options)
         if not self.paths:
             raise ConfigError("RawSource needs at least one path")
         if isinstance(header_bytes, bool) or not isinstance(header_bytes, int) or header_bytes < 0:
@@ -137,8 +140,8 @@ class RawSource(Source):
         self._record = np.dtype([(n, d, s) if s else (n, d) for n, d, s in self._fields])
         size = self._record.itemsize
         counts = []
-        for path in self.paths:
-            nbytes = os.path.getsize(path)
+        for path, loc in zip(self.paths, self.locations):
+            nbytes = loc.size()
             if nbytes < header_bytes:
                 raise FormatError(
                     path,
@@ -181,6 +184,8 @@ class RawSource(Source):
             n = int(self._starts[i + 1] - self._starts[i])
             if n == 0:  # mmap cannot map zero bytes
                 m = np.empty(0, self._record)
+            elif self.locations[i].remote:
+                m = RangeRows(self.locations[i], self._record, (n,), self.header_bytes)
             else:
                 m = np.memmap(
                     self.paths[i],

@@ -1,0 +1,91 @@
+"""A real S3-compatible server on 127.0.0.1 for tests: moto in server mode, in a subprocess.
+
+``S3Server.kill()`` sends SIGKILL (as a crashed or unplugged server); ``start()`` brings it back
+on the same port. moto keeps objects in memory, so with ``persist=True`` the server records every
+request (moto's recorder) and a restart replays them: what was stored before the kill is there
+again, and an upload cut off by the kill is not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+CREDENTIALS = {"key": "dlpipe-test-key", "secret": "dlpipe-test-secret-do-not-log"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self, workdir: str, *, persist: bool = False) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.recording = os.path.join(workdir, "moto-recording.jsonl") if persist else None
+        self.log = os.path.join(workdir, "moto.log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def storage_options(self) -> dict:
+        return {**CREDENTIALS, "endpoint_url": self.endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+
+    @property
+    def env(self) -> dict:
+        """Environment variables that point boto/s3fs at this server (for CLI subprocesses)."""
+        return {"AWS_ACCESS_KEY_ID": CREDENTIALS["key"], "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret"],
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.recording:
+            env.update(MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=self.recording)
+            self._trim_recording()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start; see {self.log}") from None
+                time.sleep(0.1)
+        if self.recording and os.path.getsize(self.recording):
+            req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/replay-recording", method="POST")
+            urllib.request.urlopen(req, timeout=120).read()
+
+    def _trim_recording(self) -> None:
+        """Drop a last line cut short by a kill (the request it held never completed)."""
+        if not os.path.exists(self.recording):
+            open(self.recording, "w").close()
+            return
+        with open(self.recording, "rb") as f:
+            data = f.read()
+        keep = data[: data.rfind(b"\n") + 1]
+        if keep != data:
+            with open(self.recording, "wb") as f:
+                f.write(keep)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill()
+
+    def make_bucket(self, name: str) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        urllib.request.urlopen(req, timeout=10).read()
