@@ -72,6 +72,19 @@ SOURCE may be:
 """
 
 
+def _storage_option(f):
+    return click.option(
+        "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+        help="Passed to the fsspec filesystem of every URL (repeatable), e.g. endpoint_url=http://127.0.0.1:9000 "
+        "or profile=dev; credentials otherwise come from the environment (AWS_*, ~/.aws). Never logged.")(f)
+
+
+def _storage_options(pairs) -> dict:
+    from dlpipe.storage import parse_storage_options
+
+    return parse_storage_options(list(pairs))
+
+
 def _padding_options(f):
     for opt in reversed([
         click.option("--pad-id", type=int, help="Trailing (or leading, with --padding-side left) runs of this "
@@ -92,8 +105,8 @@ def _padding_options(f):
 
 @main.command(epilog=_SOURCE_HELP)
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
-@click.option("-o", "--output", required=True, metavar="DIR", help="Directory for shards, index files and "
-              "dataset_info.json.")
+@click.option("-o", "--output", required=True, metavar="DIR", help="Directory or URL (s3://bucket/prefix, "
+              "gs://..., file://...) for shards, index files and dataset_info.json.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["tfrecord", "webdataset"]), default="tfrecord",
               show_default=True, help="Shard format.")
 @click.option("--compression", type=click.Choice(["auto", "none", "gzip", "zlib"]), default="auto",
@@ -126,11 +139,18 @@ def _padding_options(f):
               "int64_list: TF-native varints; auto: whichever is smaller for each integer column.")
 @click.option("--overwrite", is_flag=True, help="Replace dlpipe output already in DIR.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a process pool on this machine; ray: one Ray task per shard on a Ray cluster "
+              "(byte-identical output; failed tasks are retried).")
+@click.option("--ray-address", metavar="ADDR", help="Ray cluster to join (e.g. ray://head:10001 or auto); "
+              "default: the running one, else a local instance.")
+@_storage_option
 @_debug_option
 @_friendly_errors
 def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shards_multiple_of, balance_by,
             workers, shuffle, seed, splits, pad_id, lengths_column, mask_column, padding_side, layout,
-            header_bytes, sequence_columns, columns, no_strip, keep_mask, int_encoding, overwrite, progress):
+            header_bytes, sequence_columns, columns, no_strip, keep_mask, int_encoding, overwrite, progress,
+            engine, ray_address, storage_option):
     """Reshard padded fixed-length SOURCE data into variable-length shards.
 
     Strips the padding of sequence columns, plans shards balanced by bytes or tokens, writes
@@ -139,8 +159,10 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
     what is missing.
 
     \b
-    Example:
+    Examples:
       dlpipe reshard input_ids=ids.npy labels=labels.npy -o shards/ --pad-id 0 --num-shards 16
+      dlpipe reshard input_ids=s3://corpus/ids.npy labels=s3://corpus/labels.npy \\
+          -o s3://corpus/shards --pad-id 0 --engine ray --ray-address auto
     """
     from dlpipe.engine import reshard as run
 
@@ -152,7 +174,7 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
         lengths_column=lengths_column, mask_column=mask_column, padding_side=padding_side,
         sequence_columns=seq, keep_mask=keep_mask, int_encoding=int_encoding, layout=layout,
         header_bytes=header_bytes, columns=columns.split(",") if columns else None, overwrite=overwrite,
-        progress=progress,
+        progress=progress, engine=engine, ray_address=ray_address, storage_options=_storage_options(storage_option),
     )
     click.echo(str(summary))
 

@@ -235,7 +235,10 @@ def reshard(
 
         manifest = build_manifest(fmt=format, compression=compression, columns=encodings, shards=shard_infos,
                                   column_stats=column_stats, source=source_info, plan=plan, version=__version__)
-        out.commit(manifest)
+        try:
+            out.commit(manifest)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot write the manifest ({e.strerror or e}); rerun to finish") from None
         return _summary(out, source, tasks, time.perf_counter() - t0, written=len(todo), reused=len(done))
     except BaseException:
         if pool is not None:

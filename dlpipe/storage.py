@@ -13,6 +13,8 @@ every error show the URL only.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from dlpipe.errors import ConfigError, MissingDependencyError
+from dlpipe.errors import ConfigError, DlpipeError, MissingDependencyError
 
 __all__ = ["Location", "is_remote", "parse_storage_options"]
 
@@ -61,6 +63,24 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 raise ConfigError(f"--storage-option {key}: {p} is given both as a value and as a group")
         node[last] = value
     return out
+
+
+def _io(method):
+    """Failures of a remote filesystem call surface as OSError, as local ones do: callers turn
+    OSError into one-line errors, and botocore, gcsfs and aiohttp raise their own types."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, DlpipeError):
+            raise
+        except Exception as e:
+            if not self.remote:
+                raise
+            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
+
+    return wrapper
 
 
 class Location:
@@ -143,18 +163,23 @@ class Location:
 
     # -- queries -------------------------------------------------------------------------------
 
+    @_io
     def exists(self) -> bool:
         return self.fs.exists(self.fs_path) if self.remote else os.path.exists(self.url)
 
+    @_io
     def isfile(self) -> bool:
         return self.fs.isfile(self.fs_path) if self.remote else os.path.isfile(self.url)
 
+    @_io
     def isdir(self) -> bool:
         return self.fs.isdir(self.fs_path) if self.remote else os.path.isdir(self.url)
 
+    @_io
     def size(self) -> int:
         return int(self.fs.size(self.fs_path)) if self.remote else os.path.getsize(self.url)
 
+    @_io
     def listdir(self) -> list[str]:
         """Names directly under this directory ([] when there is nothing)."""
         if not self.remote:
@@ -167,6 +192,7 @@ class Location:
         base = self.fs_path.rstrip("/") + "/"
         return sorted({e[len(base):].split("/", 1)[0] for e in entries if e.startswith(base) and len(e) > len(base)})
 
+    @_io
     def file_sizes(self) -> dict[str, int]:
         """{name: size} of the files directly under this directory (one listing request remotely)."""
         if not self.remote:
@@ -182,6 +208,7 @@ class Location:
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e.get("type") == "file"}
 
+    @_io
     def walk_files(self) -> list[Location]:
         """Every file under this directory, or this file."""
         if not self.remote:
@@ -194,6 +221,7 @@ class Location:
             return [Location(prefix + p, self.storage_options) for p in sorted(fs.find(self.fs_path))]
         return [self]
 
+    @_io
     def identity(self) -> str:
         """What changes when the file changes: size and mtime locally, size and ETag (or mtime)
         remotely. Used in fingerprints; holds no credentials."""
@@ -206,6 +234,7 @@ class Location:
 
     # -- reading -------------------------------------------------------------------------------
 
+    @_io
     def read_bytes(self, start: int | None = None, end: int | None = None) -> bytes:
         """The whole file, or bytes ``[start, end)`` (one range request when remote)."""
         if self.remote:
@@ -225,6 +254,7 @@ class Location:
             os.makedirs(self.url, exist_ok=True)
         # object stores have no directories: keys appear with their first object
 
+    @_io
     def write_bytes(self, data: bytes) -> None:
         """Write the whole file atomically: a single PUT remotely, tmp + fsync + rename locally."""
         if self.remote:
@@ -238,6 +268,7 @@ class Location:
             os.fsync(f.fileno())
         os.replace(tmp, self.url)
 
+    @_io
     def put_file(self, local: str) -> None:
         """Upload (or move) a finished local file to this location. An object appears under its
         key only when the upload completes, so a reader never sees part of it."""
@@ -247,6 +278,7 @@ class Location:
         else:
             os.replace(local, self.url)
 
+    @_io
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.remote:
@@ -254,6 +286,7 @@ class Location:
             else:
                 os.remove(self.url)
 
+    @_io
     def remove_tree(self) -> None:
         if self.remote:
             with contextlib.suppress(FileNotFoundError):
@@ -263,6 +296,7 @@ class Location:
         else:
             shutil.rmtree(self.url, ignore_errors=True)
 
+    @_io
     def local_copy(self, cache_dir: str | None = None) -> str:
         """A local path with this file's (or directory's) bytes: the path itself when local, else
         a copy under ``cache_dir`` (default ``$DLPIPE_CACHE_DIR`` or ``~/.cache/dlpipe``) named
