@@ -92,6 +92,7 @@ def open_source(
     isdir = {}
     for spec in specs:
         name, path = _split_name(spec)
+        path = path if is_remote(path) else Location(path).url  # file:// URLs become plain paths
         named.append((name, path))
         file_part = path.split(":", 1)[0] if not is_remote(path) and (".h5" in path or ".hdf5" in path) \
             and not os.path.exists(path) else path
