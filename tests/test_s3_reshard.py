@@ -82,6 +82,14 @@ def test_local_to_s3_and_s3_to_s3_match_local_bytes(s3_server, corpus, tmp_path)
     again = dlpipe.reshard(_sources("s3://dlpipe/src"), "s3://dlpipe/from-s3", storage_options=so, **OPTS)
     assert again.shards_written == 0 and again.shards_reused == summary.num_shards
 
+    other = {**OPTS, "num_shards": 3}
+    with pytest.raises(OutputError, match="already holds a dataset made from other inputs"):
+        dlpipe.reshard(_sources("s3://dlpipe/src"), "s3://dlpipe/from-s3", storage_options=so, **other)
+    replaced = dlpipe.reshard(_sources("s3://dlpipe/src"), "s3://dlpipe/from-s3", storage_options=so,
+                              overwrite=True, **other)
+    assert replaced.num_shards == 4  # 3 for train, 1 for test
+    assert len([n for n in remote.listdir() if n.endswith(".tfrecord")]) == 4
+
 
 def test_remote_staged_source_kind(s3_server, tmp_path, monkeypatch):
     """Kinds without fixed row offsets (here a padded TFRecord file) are fetched into the cache once."""
