@@ -1,5 +1,9 @@
 """``dlpipe.load_dataset``: a dlpipe dataset directory as an HF-style dataset object.
 
+The directory may be local or any fsspec URL (``s3://bucket/prefix``, with ``storage_options``
+as in HF ``datasets``); see ``dlpipe.loaders.shard_reader`` for how remote shards are read
+(range requests with read-ahead, or a local ``cache_dir``).
+
 Follows HF ``datasets`` conventions: ``load_dataset(path, split=...)``, ``features``,
 ``num_rows``, ``shuffle(seed=..., buffer_size=...)`` and ``set_epoch`` as on
 ``datasets.IterableDataset`` (shard order permuted with seed + epoch, records shuffled within
@@ -11,19 +15,26 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import ShardReader, epoch_windows, window_batches
+from dlpipe.loaders.common import epoch_windows, window_batches
+from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
+from dlpipe.loaders.shard_reader import ShardReader, read_window, read_windows
 from dlpipe.manifest import DatasetInfo, load_manifest
+
+__all__ = ["ShardDataset", "load_dataset", "read_window"]
 
 
 class ShardDataset:
     """One split of a dlpipe dataset. Iterating yields one dict of numpy arrays per record."""
 
-    def __init__(self, info: DatasetInfo, split: str, columns: Sequence[str] | None = None) -> None:
+    def __init__(self, info: DatasetInfo, split: str, columns: Sequence[str] | None = None, *,
+                 cache_dir: str | os.PathLike[str] | None = None, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+                 request_bytes: int = DEFAULT_REQUEST_BYTES) -> None:
         self.info = info
         self.split = split
         self.shards = info.split_shards(split)
@@ -35,6 +46,9 @@ class ShardDataset:
         self.seed_given = False
         self.buffer_size = 1000
         self.epoch = 0
+        self.read_options = {"cache_dir": cache_dir, "prefetch_bytes": prefetch_bytes, "request_bytes": request_bytes}
+        self._reader: ShardReader | None = None
+        self.reader()  # validates the read options
 
     # -- HF-style description
     @property
@@ -83,18 +97,24 @@ class ShardDataset:
         ShardDataset(self.info, self.split, out.columns)  # validates
         return out
 
+    def reader(self) -> ShardReader:
+        """The ShardReader of these columns with this dataset's read options; kept, so its index
+        cache lasts across epochs and its ``stats`` can be looked at."""
+        if self._reader is None or list(self._reader.encodings) != self.columns:
+            self._reader = ShardReader(self.info, self.columns, **self.read_options)
+        return self._reader
+
     def set_epoch(self, epoch: int) -> None:
         """As ``datasets.IterableDataset.set_epoch``: reshuffles with seed + epoch."""
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        reader = ShardReader(self.info, self.columns)
+        reader = self.reader()
         enc = reader.encodings
         windows = epoch_windows([s.num_records for s in self.shards], batch_size=1,
                                 shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,
                                 window_batches=self.buffer_size)
-        for window in windows:
-            cols = read_window(reader, self.shards, window)
+        for window, cols in zip(windows, read_windows(reader, self.shards, windows)):
             for rows in window_batches(window, None, batch_size=max(window.num_records, 1),
                                        shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,
                                        rank=0):
@@ -115,23 +135,6 @@ class ShardDataset:
         return to_torch_dataloader(self, *args, **kwargs)
 
 
-def read_window(reader: ShardReader, shards, window) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The records of a window as ragged columns (several shard ranges concatenated)."""
-    parts = [reader.read(shards[s], a, b) for s, a, b in window.ranges]
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for name in reader.encodings:
-        values = np.concatenate([p[name][0] for p in parts])
-        splits = [np.zeros(1, np.int64)]
-        base = 0
-        for p in parts:
-            splits.append(p[name][1][1:] - p[name][1][0] + base)
-            base = int(splits[-1][-1]) if len(splits[-1]) else base
-        out[name] = (values, np.concatenate(splits))
-    return out
-
-
 def _row(col, i: int, enc) -> np.ndarray:
     values, splits = col
     v = values[splits[i] : splits[i + 1]]
@@ -141,6 +144,16 @@ def _row(col, i: int, enc) -> np.ndarray:
 
 
 def load_dataset(path: str | os.PathLike[str], split: str = "train", *,
-                 columns: Sequence[str] | None = None) -> ShardDataset:
-    """Open a dataset written by ``dlpipe reshard`` (a local directory) as a ShardDataset."""
-    return ShardDataset(load_manifest(path), split, columns)
+                 columns: Sequence[str] | None = None, storage_options: Mapping[str, Any] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+                 request_bytes: int = DEFAULT_REQUEST_BYTES) -> ShardDataset:
+    """Open a dataset written by ``dlpipe reshard`` as a ShardDataset.
+
+    ``path``: a local directory, ``file://`` or fsspec URL; ``storage_options`` go to its
+    filesystem (credentials, ``endpoint_url``). For a remote dataset: ``cache_dir`` keeps a
+    verified local copy of each shard read (reused by later epochs and processes); without it,
+    records are read with range requests of up to ``request_bytes``, and at most
+    ``prefetch_bytes`` are fetched ahead per reading process.
+    """
+    return ShardDataset(load_manifest(path, storage_options), split, columns, cache_dir=cache_dir,
+                        prefetch_bytes=prefetch_bytes, request_bytes=request_bytes)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from dlpipe.errors import DlpipeError
 from dlpipe.manifest import MANIFEST, load_manifest
 from dlpipe.padding import record_lengths, resolve_padding
 from dlpipe.sources import open_source
+from dlpipe.storage import Location
 
 SAMPLE_RECORDS = 100_000
 
@@ -25,14 +27,15 @@ def inspect(
     padding_side: str = "auto",
     layout: str | None = None,
     header_bytes: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str:
     """A human-readable description of a source (schema, padding waste, length histogram) or of a
-    dlpipe dataset directory (its manifest)."""
+    dlpipe dataset directory (its manifest); paths may be fsspec URLs (``storage_options``)."""
     if isinstance(paths, str):
         paths = [paths]
-    if len(paths) == 1 and os.path.isfile(os.path.join(paths[0], MANIFEST)):
-        return describe_dataset(paths[0])
-    source = open_source(paths, layout=layout, header_bytes=header_bytes)
+    if len(paths) == 1 and _is_dataset(paths[0], storage_options):
+        return describe_dataset(paths[0], storage_options=storage_options)
+    source = open_source(paths, layout=layout, header_bytes=header_bytes, storage_options=storage_options)
     lines = [f"{source.describe()}", f"  records: {source.num_records:,}   size: {format_bytes(source.num_bytes)}",
              "  columns:"]
     for name, col in source.columns.items():
@@ -86,8 +89,16 @@ def _histogram(lengths: np.ndarray, width: int, bins: int = 12) -> list[str]:
             for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
 
 
-def describe_dataset(root: str) -> str:
-    info = load_manifest(root)
+def _is_dataset(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> bool:
+    manifest = Location(path, storage_options).join(MANIFEST)
+    try:
+        return manifest.isfile()
+    except OSError:  # not a place a manifest can be (a source file's URL, say): not a dataset
+        return False
+
+
+def describe_dataset(root: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+    info = load_manifest(root, storage_options)
     raw = info.raw["dlpipe"]
     comp = info.compression or "none"
     lines = [f"dlpipe dataset {root} ({info.format}, compression {comp}, made by dlpipe {raw['version']})"]

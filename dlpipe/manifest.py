@@ -11,9 +11,11 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import FormatError
+from dlpipe.storage import Location
 
 MANIFEST = "dataset_info.json"
 SCHEMA_VERSION = 1
@@ -35,7 +37,9 @@ class ShardInfo:
 
 @dataclass
 class DatasetInfo:
-    """What ``dataset_info.json`` holds, parsed."""
+    """What ``dataset_info.json`` holds, parsed. ``root`` is the path or URL as given (without
+    ``file://``); ``location`` the same place with its storage options, through which shard and
+    index paths are joined (``shard_location``)."""
 
     root: str
     format: str
@@ -44,6 +48,21 @@ class DatasetInfo:
     shards: list[ShardInfo]
     pad_values: dict[str, float | int] = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    location: Location | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.location is None:
+            self.location = Location(self.root)
+
+    @property
+    def remote(self) -> bool:
+        return self.location.remote
+
+    def shard_location(self, shard: ShardInfo) -> Location:
+        return self.location.join(shard.path)
+
+    def index_location(self, shard: ShardInfo) -> Location:
+        return self.location.join(shard.index)
 
     @property
     def splits(self) -> list[str]:
@@ -121,21 +140,28 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_manifest(root: str | os.PathLike[str]) -> DatasetInfo:
-    """Parse ``root/dataset_info.json``; a FormatError names what is wrong."""
-    root = os.fspath(root)
-    path = os.path.join(root, MANIFEST)
-    if not os.path.isfile(path):
-        raise FormatError(root, f"no {MANIFEST} here, so this is not a dlpipe dataset (or the reshard "
-                          "has not finished)", hint="run dlpipe reshard, or point at its --output")
+def load_manifest(root: str | os.PathLike[str] | Location, storage_options: Mapping[str, Any] | None = None) -> DatasetInfo:
+    """Parse ``root/dataset_info.json`` (``root`` a local path, ``file://`` or any fsspec URL);
+    a FormatError names what is wrong. The manifest is the reshard's commit point: without it
+    there is no dataset, whatever shards are there."""
+    location = root if isinstance(root, Location) else Location(root, storage_options)
+    root = location.url
+    path = location.join(MANIFEST)
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FormatError(root, f"no {MANIFEST} here, so this is not a dlpipe dataset (or the reshard "
+                          "has not finished)", hint="run dlpipe reshard, or point at its --output") from None
+    except OSError as e:
+        raise FormatError(str(path), f"cannot read the manifest ({e.strerror or e})",
+                          hint="check the path and, for a URL, its --storage-option credentials") from None
+    try:
+        raw = json.loads(data)
         d = raw["dlpipe"]
         columns = {n: ColumnEncoding.from_json(n, c) for n, c in d["columns"].items()}
         shards = [ShardInfo(**s) for s in d["shards"]]
         pad_values = {n: c["pad_value"] for n, c in d["columns"].items() if c.get("pad_value") is not None}
-        return DatasetInfo(root, d["format"], d["compression"], columns, shards, pad_values, raw)
+        return DatasetInfo(root, d["format"], d["compression"], columns, shards, pad_values, raw, location)
     except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(path, f"malformed manifest ({type(e).__name__}: {e})",
+        raise FormatError(str(path), f"malformed manifest ({type(e).__name__}: {e})",
                           hint="re-create it with dlpipe reshard") from None

@@ -3,20 +3,27 @@
 Checks, per shard: the file exists with the recorded size and SHA-256; every TFRecord frame's
 length and data CRC (or every tar header's checksum); the record count; the index file; that
 every record decodes to the manifest's columns; and the token count.
+
+The dataset may be local or at an fsspec URL (``storage_options`` as for ``load_dataset``): a
+remote shard is fetched whole, one at a time, into memory (a local one is memory-mapped).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from dlpipe.errors import DlpipeError, FormatError, VerifyError
 from dlpipe.formats.tfrecord import payload_bounds, read_decompressed, scan_frames
 from dlpipe.manifest import DatasetInfo, ShardInfo, load_manifest
+from dlpipe.storage import Location
 
 
 @dataclass
@@ -38,11 +45,12 @@ class VerifyReport:
                 f"{self.bytes:,} bytes checked in {self.seconds:.1f} s")
 
 
-def verify(path: str | os.PathLike[str], *, raise_on_error: bool = True) -> VerifyReport:
-    """Check every shard under ``path`` against its manifest; raise VerifyError on a mismatch
-    (or, with ``raise_on_error=False``, list the problems in the report)."""
+def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
+           raise_on_error: bool = True) -> VerifyReport:
+    """Check every shard under ``path`` (a local path or fsspec URL) against its manifest; raise
+    VerifyError on a mismatch (or, with ``raise_on_error=False``, list the problems in the report)."""
     t0 = time.perf_counter()
-    info = load_manifest(path)
+    info = load_manifest(path, storage_options)
     report = VerifyReport(info.root)
     for shard in info.shards:
         try:
@@ -60,20 +68,23 @@ def verify(path: str | os.PathLike[str], *, raise_on_error: bool = True) -> Veri
 
 
 def _verify_shard(info: DatasetInfo, shard: ShardInfo) -> None:
-    path = os.path.join(info.root, shard.path)
-    if not os.path.isfile(path):
-        raise VerifyError(f"{path}: shard listed in the manifest is missing; rerun the reshard")
-    size = os.path.getsize(path)
-    if size != shard.num_bytes:
-        raise VerifyError(f"{path}: {size} bytes, manifest says {shard.num_bytes}; the shard is truncated or "
+    loc = info.shard_location(shard)
+    path = loc.url
+    data = _shard_bytes(loc, shard)
+    if len(data) != shard.num_bytes:
+        raise VerifyError(f"{path}: {len(data)} bytes, manifest says {shard.num_bytes}; the shard is truncated or "
                           "replaced, rerun the reshard")
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            sha.update(block)
+    for at in range(0, len(data), 1 << 22):
+        sha.update(data[at : at + (1 << 22)])
     if sha.hexdigest() != shard.sha256:
         raise VerifyError(f"{path}: SHA-256 differs from the manifest; the shard is corrupt, rerun the reshard")
-    buf = read_decompressed(path, info.compression)
+    if loc.remote:
+        from dlpipe.loaders.remote import decompress
+
+        buf = decompress(data, info.compression, path) if info.compression else data
+    else:
+        buf = read_decompressed(path, info.compression)
     if info.format == "tfrecord":
         offsets = scan_frames(buf, path=path)
         lengths = _tfrecord_tokens(info, buf, offsets, path)
@@ -88,7 +99,22 @@ def _verify_shard(info: DatasetInfo, shard: ShardInfo) -> None:
         raise VerifyError(f"{path}: {count} records, manifest says {shard.num_records}")
     if int(lengths.sum()) != shard.num_tokens:
         raise VerifyError(f"{path}: {int(lengths.sum())} tokens, manifest says {shard.num_tokens}")
-    _verify_index(os.path.join(info.root, shard.index), offsets, count)
+    _verify_index(info.index_location(shard), offsets, count)
+
+
+def _shard_bytes(loc: Location, shard: ShardInfo) -> np.ndarray:
+    """The shard's bytes: a memory map of a local file, the fetched object of a remote one."""
+    try:
+        if not loc.remote:
+            if not os.path.getsize(loc.url):
+                return np.empty(0, np.uint8)
+            return np.memmap(loc.url, dtype=np.uint8, mode="r")
+        return np.frombuffer(loc.read_bytes(), dtype=np.uint8)
+    except (FileNotFoundError, IsADirectoryError):
+        raise VerifyError(f"{loc.url}: shard listed in the manifest is missing; rerun the reshard") from None
+    except OSError as e:
+        raise VerifyError(f"{loc.url}: cannot read the shard ({e.strerror or e}); check the path and "
+                          "--storage-option credentials") from None
 
 
 def _tfrecord_tokens(info: DatasetInfo, buf, offsets: np.ndarray, path: str) -> np.ndarray:
@@ -140,11 +166,16 @@ def _wds_tokens(info: DatasetInfo, keys: np.ndarray, columns: dict) -> np.ndarra
     return tokens
 
 
-def _verify_index(path: str, offsets: np.ndarray | None, count: int) -> None:
-    if not os.path.isfile(path):
-        raise VerifyError(f"{path}: index file is missing; rerun the reshard")
+def _verify_index(loc: Location, offsets: np.ndarray | None, count: int) -> None:
+    path = loc.url
     try:
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2) if os.path.getsize(path) else np.zeros((0, 2), np.int64)
+        data = loc.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        raise VerifyError(f"{path}: index file is missing; rerun the reshard") from None
+    except OSError as e:
+        raise VerifyError(f"{path}: cannot read the index file ({e.strerror or e})") from None
+    try:
+        table = np.loadtxt(io.BytesIO(data), dtype=np.int64, ndmin=2) if data.strip() else np.zeros((0, 2), np.int64)
     except ValueError:
         raise VerifyError(f"{path}: index file is not 'offset size' lines; rerun the reshard") from None
     if len(table) != count:

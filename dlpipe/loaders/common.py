@@ -1,8 +1,9 @@
 """What every loader shares, so TensorFlow and PyTorch batches follow one rule.
 
-- **Reading**: ``ShardReader`` turns a record range of a shard into ragged columns (flat values
-  in the logical dtype + row splits), using the shard's ``.index`` to find bytes, checking CRCs,
-  and decoding many records per call.
+- **Reading**: ``ShardReader`` (``dlpipe.loaders.shard_reader``) turns a record range of a shard,
+  local or in object storage, into ragged columns (flat values in the logical dtype + row
+  splits), using the shard's ``.index`` to find bytes, checking CRCs, and decoding many records
+  per call.
 - **Padding rule** (as ``DataCollatorWithPadding``): a variable column is padded to the longest
   record of its batch, rounded up to ``pad_to_multiple_of``, or to the smallest bucket boundary
   that fits when length buckets are used; pad values come from the manifest; an
@@ -16,142 +17,18 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from dlpipe.columns import ColumnEncoding
-from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.tfrecord import check_frame_crcs, payload_bounds, read_decompressed
-from dlpipe.manifest import DatasetInfo, ShardInfo
+from dlpipe.errors import ConfigError
+from dlpipe.loaders.shard_reader import Ragged, ShardReader, read_index  # noqa: F401  (re-exported)
+from dlpipe.manifest import DatasetInfo
 
-Ragged = tuple[np.ndarray, np.ndarray]  # (flat values, row_splits in elements)
 MASK = "attention_mask"
 UNEVEN = ("pad", "drop")
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-
-
-def read_index(path: str) -> np.ndarray:
-    """An "offset size" index file as an (n, 2) int64 array."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        table = np.array(data.split(), dtype=np.int64).reshape(-1, 2)
-    except ValueError:
-        raise FormatError(path, "index is not 'offset size' lines", hint="rerun dlpipe reshard") from None
-    return table
-
-
-class ShardReader:
-    """Reads records ``[start, stop)`` of a dataset's shards as ragged columns (logical dtypes).
-
-    Uncompressed shards are memory-mapped and only the requested bytes are touched; a compressed
-    shard is decompressed once and kept while it is being read (one at a time).
-    """
-
-    def __init__(self, info: DatasetInfo, columns: Sequence[str] | None = None, *, check_crc: bool = True):
-        self.info = info
-        names = list(info.columns) if columns is None else list(columns)
-        for name in names:
-            if name not in info.columns:
-                raise ConfigError(f"column {name!r} is not in the dataset; columns: {', '.join(info.columns)}")
-        self.encodings = {n: info.columns[n] for n in names}
-        self.check_crc = check_crc
-        self._index: dict[str, np.ndarray] = {}
-        self._buf: tuple[str, np.ndarray] | None = None
-        self._intact: set[str] = set()  # shards whose SHA-256 matched the manifest in this process
-
-    def __getstate__(self):
-        return {**self.__dict__, "_buf": None}
-
-    def _verified(self, shard: ShardInfo, path: str) -> bool:
-        """Whether the whole shard matches its manifest digest (checked once per process).
-
-        One SHA-256 pass over the file covers every byte the per-record CRCs cover, at a small
-        fraction of the cost; when it differs, per-record CRCs run to say which record is bad.
-        """
-        if shard.path not in self._intact:
-            import hashlib
-
-            with open(path, "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-                    else hashlib.sha256(f.read()).hexdigest()
-            if digest != shard.sha256:
-                return False
-            self._intact.add(shard.path)
-        return True
-
-    def index(self, shard: ShardInfo) -> np.ndarray:
-        if shard.path not in self._index:
-            self._index[shard.path] = read_index(os.path.join(self.info.root, shard.index))
-        return self._index[shard.path]
-
-    def _buffer(self, path: str) -> np.ndarray:
-        if self._buf is None or self._buf[0] != path:
-            self._buf = (path, np.asarray(read_decompressed(path, self.info.compression)))
-        return self._buf[1]
-
-    def read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
-        try:
-            return self._read(shard, start, stop)
-        except FormatError as e:  # number records from the start of the shard, not of the range
-            record = None if e.record is None else e.record + start
-            raise type(e)(e.path, e.detail, offset=e.offset, record=record, hint=e.hint) from None
-
-    def _read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
-        path = os.path.join(self.info.root, shard.path)
-        table = self.index(shard)[start:stop]
-        buf = self._buffer(path)
-        frames = np.append(table[:, 0], table[-1, 0] + table[-1, 1]) if len(table) else np.zeros(1, np.int64)
-        if len(table) and frames[-1] > len(buf):
-            raise FormatError(path, f"shard is shorter ({len(buf)} bytes) than its index says",
-                              offset=int(frames[-1]), hint="the shard is truncated; rerun dlpipe reshard")
-        if self.info.format == "webdataset":
-            from dlpipe.formats.wds import read_samples
-
-            _, cols = read_samples(buf, self.encodings, path=path, sample_offsets=frames)
-            return {n: cols[n] for n in self.encodings}
-        return self._read_tfrecord(buf, frames, path, crc=self.check_crc and not self._verified(shard, path))
-
-    def _read_tfrecord(self, buf: np.ndarray, frames: np.ndarray, path: str, *, crc: bool) -> dict[str, Ragged]:
-        from dlpipe.formats.example_decode import decode_examples
-
-        if crc:
-            check_frame_crcs(buf, frames, path=path)
-        starts, ends = payload_bounds(frames)
-        feats = decode_examples(buf, starts, ends, path=path, frame_offsets=frames[:-1])
-        n = len(starts)
-        out = {}
-        for name, enc in self.encodings.items():
-            f = feats.get(name)
-            if f is None or (n and not f.present.all()):
-                i = 0 if f is None else int(np.flatnonzero(~f.present)[0])
-                raise FormatError(path, f"record lacks column {name!r}", offset=int(frames[i]), record=i,
-                                  hint="the shard does not match its manifest; rerun dlpipe reshard")
-            out[name] = _typed(f, enc, n, path, frames)
-        return out
-
-
-def _typed(f, enc: ColumnEncoding, n: int, path: str, frames: np.ndarray) -> Ragged:
-    """A decoded feature as values in the logical dtype with element row splits."""
-    if f.kind == "bytes":
-        storage = np.dtype(enc.storage_dtype).newbyteorder("<")
-        data, byte_splits = f.single_bytes(path=path)
-        bad = np.flatnonzero(np.diff(byte_splits) % storage.itemsize)
-        if len(bad):
-            i = int(bad[0])
-            raise FormatError(path, f"column {enc.name!r} holds a partial {storage} value",
-                              offset=int(frames[i]), record=i, hint="rerun dlpipe reshard")
-        values = data[byte_splits[0] : byte_splits[-1]].view(storage)
-        splits = (byte_splits - byte_splits[0]) // storage.itemsize
-    else:
-        values, splits = f.values, f.row_splits
-    return values.astype(enc.dtype, copy=False), splits.astype(np.int64, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------

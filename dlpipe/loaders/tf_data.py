@@ -21,9 +21,14 @@ tensor itself when it has one key) or a ``(features, labels)`` tuple. ``attentio
 from the lengths of the first variable column, as ``DataCollatorWithPadding`` does; name it in
 ``columns`` to get it when selecting columns.
 
-Errors while iterating are TensorFlow's: a corrupt uncompressed shard raises ``DataLossError:
-corrupted record at <byte offset>``, a corrupt gzip/zlib one ``DataLossError: inflate() failed
-with error -3: incorrect data check``. Neither names the file; ``dlpipe verify`` does.
+A dataset in object storage (``load_dataset("s3://...", storage_options=..., cache_dir=...)``)
+is read through local cached copies or, without ``cache_dir``, through dlpipe's range reader
+feeding the same graph; ``dlpipe.loaders.tf_remote`` says how and why.
+
+Errors while iterating local files are TensorFlow's: a corrupt uncompressed shard raises
+``DataLossError: corrupted record at <byte offset>``, a corrupt gzip/zlib one ``DataLossError:
+inflate() failed with error -3: incorrect data check``. Neither names the file; ``dlpipe
+verify`` does (over object storage, dlpipe's reader raises its FormatError naming the URL).
 """
 
 from __future__ import annotations
@@ -300,10 +305,10 @@ def to_tf_dataset(
     if deterministic is None:
         deterministic = not shuffle or seed is not None
     parallel = num_workers or tf.data.AUTOTUNE
-    files = [os.path.join(info.root, s.path) for s in ds.shards]
+    files, open_file = _shard_files(ds, _COMPRESSION[info.compression])
     data = _records(
         files,
-        _COMPRESSION[info.compression],
+        open_file,
         shuffle=shuffle,
         seed=seed,
         buffer_size=ds.buffer_size,
@@ -329,16 +334,35 @@ def to_tf_dataset(
     options.deterministic = deterministic
     policy = tf.data.experimental.AutoShardPolicy
     # FILE sharding needs a file per input pipeline; DATA reads all and keeps every n-th batch
+    native = not info.remote or ds.reader().cache_dir is not None
     options.experimental_distribute.auto_shard_policy = (
-        policy.FILE if len(files) >= _input_workers() else policy.DATA
+        policy.FILE if native and len(files) >= _input_workers() else policy.DATA
     )
     data = data.with_options(options)
     return data.prefetch(tf.data.AUTOTUNE) if prefetch else data
 
 
+def _shard_files(ds: Any, compression: str) -> tuple[list[str], Callable[[tf.Tensor], tf.data.Dataset]]:
+    """The split's files and how to read one as blocks of ``_BLOCK`` serialized records: local
+    paths (or cached copies of remote shards) through TFRecordDataset, else URLs through
+    dlpipe's reader (see ``dlpipe.loaders.tf_remote``)."""
+    info = ds.info
+    if info.remote and ds.reader().cache_dir is None:
+        from dlpipe.loaders.tf_remote import remote_blocks
+
+        files = [info.shard_location(s).url for s in ds.shards]
+        return files, remote_blocks(ds.reader(), ds.shards, _BLOCK)
+    files = ds.reader().cache_shards(ds.shards)
+
+    def open_file(f: tf.Tensor) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(f, compression_type=compression).batch(_BLOCK)
+
+    return files, open_file
+
+
 def _records(
     files: list[str],
-    compression: str,
+    open_file: Callable[[tf.Tensor], tf.data.Dataset],
     *,
     shuffle: bool,
     seed: int | None,
@@ -360,7 +384,7 @@ def _records(
     if shuffle and len(files) > 1:
         data = data.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     data = data.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=compression).batch(_BLOCK),
+        open_file,
         cycle_length=cycle_length or max(1, min(len(files), _MAX_CYCLE)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,

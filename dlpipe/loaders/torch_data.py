@@ -31,6 +31,11 @@ have yielded next (see ``dlpipe.loaders.torch_state``). With ``stateful=True`` t
 torchdata's ``StatefulDataLoader``, which saves ``ShardIterableDataset.state_dict()`` per worker.
 Either way, resuming needs the same batch size, shuffle, seed, world size and number of workers.
 
+**Object storage.** ``ds`` may come from ``load_dataset("s3://...", storage_options=...)``: each
+process (main or worker) opens its own filesystem and reads its windows with range requests,
+fetching the next ones on background threads while it pads the current one (bounded by the
+dataset's ``prefetch_bytes``), or from a local ``cache_dir`` (see ``dlpipe.loaders.shard_reader``).
+
 **collate_fn** (optional) replaces the padding rule: it receives the batch as a list of
 per-record dicts of numpy arrays (variable columns unpadded, as ``ShardDataset`` yields them),
 like a ``torch`` collate_fn; numpy arrays in a returned dict become tensors, anything else is
@@ -52,11 +57,10 @@ from dlpipe.errors import ConfigError, DlpipeError
 torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
-from dlpipe.dataset import ShardDataset, read_window  # noqa: E402
+from dlpipe.dataset import ShardDataset  # noqa: E402
 from dlpipe.loaders.common import (  # noqa: E402
     UNEVEN,
     Ragged,
-    ShardReader,
     collate,
     default_boundaries,
     epoch_windows,
@@ -64,6 +68,7 @@ from dlpipe.loaders.common import (  # noqa: E402
     window_batches,
     worker_windows,
 )
+from dlpipe.loaders.shard_reader import ShardReader, read_windows  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
     STATE_VERSION,
@@ -158,7 +163,7 @@ class ShardIterableDataset(IterableDataset):
         if self.boundaries is not None:  # grouping by length needs many batches to choose from
             self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
         self._epoch = torch.tensor(int(source.epoch), dtype=torch.int64).share_memory_()
-        self._reader = ShardReader(source.info, source.columns)
+        self._reader = source.reader()
         self._resume: dict[str, int] | None = None
         self._progress = {
             "epoch": int(source.epoch),
@@ -239,6 +244,11 @@ class ShardIterableDataset(IterableDataset):
     def __len__(self) -> int:
         return sum(w.num_batches for w in self.windows())
 
+    @property
+    def reader(self) -> ShardReader:
+        """This process's reader (its ``stats``: requests, bytes fetched, peak read-ahead bytes)."""
+        return self._reader
+
     # -- checkpointing (StatefulDataLoader calls these on each worker's copy)
     def state_dict(self) -> dict[str, Any]:
         """This copy's progress: the epoch and how many batches this worker has yielded in it."""
@@ -294,12 +304,18 @@ class ShardIterableDataset(IterableDataset):
 
     def _batches(self, windows, epoch: int, skip: int, worker_id: int | None) -> Iterator[Any]:
         in_worker = worker_id is not None and self.loader_transport
+        todo, skips = [], []
+        for window in windows:
+            if skip >= window.num_batches:  # finished before the checkpoint: not even read
+                skip -= window.num_batches
+                continue
+            todo.append(window)
+            skips.append(skip)
+            skip = 0
+        # over object storage the next windows are fetched while this one is padded and yielded
+        windows_read = read_windows(self._reader, self.source.shards, todo)
         try:
-            for window in windows:
-                if skip >= window.num_batches:  # finished before the checkpoint: not even read
-                    skip -= window.num_batches
-                    continue
-                cols = read_window(self._reader, self.source.shards, window)
+            for window, first, cols in zip(todo, skips, windows_read):
                 lengths = None
                 if self.boundaries is not None:
                     enc = self.encodings[self.length_column]
@@ -314,17 +330,18 @@ class ShardIterableDataset(IterableDataset):
                     rank=self.rank,
                     boundaries=self.boundaries,
                 )
-                for rows in order[skip:]:
+                for rows in order[first:]:
                     batch = self._collate(cols, rows, in_worker)
                     self._progress["batches_yielded"] += 1
                     yield batch
-                skip = 0
         except GeneratorExit:  # closed early (or at exit, when module globals may be gone)
             raise
         except DlpipeError as e:
             if worker_id is None or not self.loader_transport:
                 raise
             yield WorkerError(e, worker_id)
+        finally:
+            windows_read.close()
 
     def _collate(self, cols: dict[str, Ragged], rows: np.ndarray, in_worker: bool) -> Any:
         if self.collate_fn is not None:

@@ -1,0 +1,416 @@
+"""``ShardReader``: record ranges of a dataset's shards as ragged columns, from local files or
+object storage, and ``read_windows``, the way loaders read a plan's windows.
+
+Where the bytes come from:
+
+- **local** (a path or ``file://``): an uncompressed shard is memory-mapped and only the
+  requested records are touched; a compressed one is decompressed once and kept while it is
+  read (one at a time). A shard's SHA-256 is checked once per process; it covers every byte the
+  per-record CRCs would, which run only when it differs, to say which record is bad.
+- **remote** (an fsspec URL such as ``s3://``): an uncompressed shard is read with one range
+  request per run of records, located with its ``.index``; never the whole file. Windows this
+  process reads back to back from one shard share a request of up to ``request_bytes`` (an
+  object store answers each request after tens of ms and bills per request; 0 makes one
+  request per window range). A range is not the whole file, so its records' CRCs are checked
+  instead of the SHA-256 (unless the range happens to be the whole file). A compressed shard cannot be read from the middle: it is fetched
+  whole (the next one while this one is read, if ``prefetch_bytes`` holds both), checked
+  against its SHA-256 (CRCs if that differs), and decompressed one at a time.
+- **cached** (a URL and ``cache_dir``): each shard is downloaded whole into the cache once,
+  verified (``remote.fetch_to_cache``), and read as a local file from then on, by every epoch
+  and process; its index is kept beside it.
+
+Indexes of a remote dataset are fetched in the background, in the order reading needs them.
+
+Over object storage ``read_windows`` fetches the next windows' bytes on background threads
+while the caller decodes the current one, holding at most ``prefetch_bytes`` (the window being
+decoded included); ``stats`` shows requests, bytes fetched and the peak held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from dlpipe.columns import ColumnEncoding
+from dlpipe.errors import ConfigError, FormatError
+from dlpipe.formats.tfrecord import check_frame_crcs, payload_bounds, read_decompressed
+from dlpipe.loaders.remote import (
+    CACHE_CHUNK,
+    DEFAULT_PREFETCH_BYTES,
+    DEFAULT_REQUEST_BYTES,
+    READ_THREADS,
+    ByteBudget,
+    cached_path,
+    decompress,
+    fetch_to_cache,
+    read_ahead,
+    read_range,
+    write_atomic,
+)
+from dlpipe.manifest import DatasetInfo, ShardInfo
+from dlpipe.storage import Location
+
+Ragged = tuple[np.ndarray, np.ndarray]  # (flat values, row_splits in elements)
+
+
+def read_index(path: str | os.PathLike[str] | Location) -> np.ndarray:
+    """An "offset size" index file as an (n, 2) int64 array."""
+    loc = path if isinstance(path, Location) else Location(path)
+    return parse_index(_index_bytes(loc), loc.url)
+
+
+def parse_index(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.array(data.split(), dtype=np.int64).reshape(-1, 2)
+    except ValueError:
+        raise FormatError(where, "index is not 'offset size' lines", hint="rerun dlpipe reshard") from None
+
+
+def _index_bytes(loc: Location) -> bytes:
+    try:
+        return loc.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(loc.url, "index file is missing", hint="rerun dlpipe reshard") from None
+    except OSError as e:
+        raise FormatError(loc.url, f"cannot read the index ({e.strerror or e})",
+                          hint="check the connection and --storage-option credentials") from None
+
+
+class Fetch:
+    """What one fetch gets of a shard: bytes ``[start, end)``, or the whole file (``end`` None),
+    for ``ranges`` consecutive record ranges; ``nbytes`` is what it holds in memory."""
+
+    __slots__ = ("end", "nbytes", "ranges", "shard", "start", "whole_file_ok")
+
+    def __init__(self, shard: ShardInfo, start: int = 0, end: int | None = None, nbytes: int = 0) -> None:
+        self.shard, self.start, self.end, self.nbytes, self.ranges = shard, start, end, nbytes, 1
+        self.whole_file_ok = False  # a range that is the whole file and matched its SHA-256
+
+    def __repr__(self) -> str:
+        return f"Fetch({self.shard.path!r}, {self.start}, {self.end}, ranges={self.ranges})"
+
+
+class ShardReader:
+    """Reads records ``[start, stop)`` of a dataset's shards as ragged columns (logical dtypes);
+    see the module docstring for where bytes come from. Picklable (loader workers)."""
+
+    def __init__(self, info: DatasetInfo, columns: Sequence[str] | None = None, *, check_crc: bool = True,
+                 cache_dir: str | os.PathLike[str] | None = None, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+                 request_bytes: int = DEFAULT_REQUEST_BYTES) -> None:
+        self.info = info
+        names = list(info.columns) if columns is None else list(columns)
+        for name in names:
+            if name not in info.columns:
+                raise ConfigError(f"column {name!r} is not in the dataset; columns: {', '.join(info.columns)}")
+        if not isinstance(prefetch_bytes, int) or prefetch_bytes < 1:
+            raise ConfigError(f"prefetch_bytes={prefetch_bytes!r}; must be an int >= 1")
+        if not isinstance(request_bytes, int) or request_bytes < 0:
+            raise ConfigError(f"request_bytes={request_bytes!r}; must be an int >= 0 (0: one request per window)")
+        self.encodings = {n: info.columns[n] for n in names}
+        self.check_crc = check_crc
+        # a local dataset is read in place: a cache would only copy it
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None and info.remote else None
+        self.request_bytes = request_bytes
+        self.budget = ByteBudget(prefetch_bytes)
+        self._index: dict[str, np.ndarray | Future] = {}  # a Future while it is being fetched
+        self._index_pid = 0  # the process whose threads fetch the pending ones
+        self._buf: tuple[str, np.ndarray] | None = None
+        self._intact: set[str] = set()  # shards whose SHA-256 matched the manifest in this process
+
+    def __getstate__(self):
+        ready = {k: v for k, v in self._index.items() if isinstance(v, np.ndarray)}
+        return {**self.__dict__, "_buf": None, "_index": ready}
+
+    @property
+    def fetches(self) -> bool:
+        """Whether reading fetches bytes over the network (then ``read_windows`` reads ahead)."""
+        return self.info.remote
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Network reads of this process so far and the most read-ahead bytes held at once."""
+        b = self.budget
+        return {"requests": b.requests, "bytes_fetched": b.bytes_fetched, "peak_buffered_bytes": b.peak,
+                "prefetch_bytes": b.limit}
+
+    def index(self, shard: ShardInfo) -> np.ndarray:
+        got = self._index.get(shard.path)
+        if got is None:
+            got = self._index[shard.path] = self._load_index(shard)
+        elif isinstance(got, Future):
+            # a forked child (a DataLoader worker) has a copy of the future but not its thread
+            mine = got.done() or self._index_pid == os.getpid()
+            got = self._index[shard.path] = got.result() if mine else self._load_index(shard)
+        return got
+
+    def load_indexes(self, shards: Iterable[ShardInfo]) -> None:
+        """Start fetching the indexes of ``shards`` (in that order) in the background, so that
+        reading does not wait a request's latency at each new shard; ``index`` waits for them."""
+        todo = [s for s in shards if s.path not in self._index]
+        if not todo:
+            return
+        self._index_pid = os.getpid()
+        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dlpipe-index")
+        for s in todo:
+            self._index[s.path] = pool.submit(self._load_index, s)
+        pool.shutdown(wait=False)
+
+    def _load_index(self, shard: ShardInfo) -> np.ndarray:
+        """The shard's index; with a cache, from (or first into) the cache, beside the shard."""
+        loc = self.info.index_location(shard)
+        if self.cache_dir is None:
+            return read_index(loc)
+        path = cached_path(self.cache_dir, shard) + ".index"
+        if os.path.isfile(path):
+            return read_index(path)
+        data = _index_bytes(loc)
+        table = parse_index(data, loc.url)
+        write_atomic(path, data)
+        return table
+
+    # -- planning and fetching (fetch runs on read-ahead threads)
+
+    def plan(self, shards: Sequence[ShardInfo], ranges: Iterable[tuple[int, int, int]]) -> Iterator[Fetch]:
+        """The fetches that cover ``ranges`` ((shard position, start, stop), in reading order),
+        each serving the next ``.ranges`` of them."""
+        current: Fetch | None = None
+        for s, a, b in ranges:
+            shard = shards[s]
+            same = current is not None and current.shard.path == shard.path
+            if self.info.remote and self.cache_dir is None and self.info.compression is None:
+                lo, hi = self._span(shard, a, b)
+                if same and current.end == lo and hi - current.start <= self.request_bytes:
+                    current.end, current.nbytes = hi, hi - current.start
+                    current.ranges += 1
+                    continue
+                unit = Fetch(shard, lo, hi, hi - lo)
+            elif same:
+                current.ranges += 1
+                continue
+            elif not self.info.remote:
+                unit = Fetch(shard)  # memory-mapped or decompressed in place: nothing to fetch
+            else:
+                held = min(shard.num_bytes, CACHE_CHUNK) if self.cache_dir else shard.num_bytes
+                unit = Fetch(shard, nbytes=held)
+            if current is not None:
+                yield current
+            current = unit
+        if current is not None:
+            yield current
+
+    def _span(self, shard: ShardInfo, start: int, stop: int) -> tuple[int, int]:
+        table = self.index(shard)
+        if stop <= start:
+            return 0, 0
+        return int(table[start, 0]), int(table[stop - 1, 0] + table[stop - 1, 1])
+
+    def fetch(self, unit: Fetch) -> np.ndarray | str | None:
+        """The bytes of ``unit``: an array (a range or a whole compressed shard), the path of the
+        cached shard, or None for a local dataset (read in place)."""
+        if not self.info.remote:
+            return None
+        loc = self.info.shard_location(unit.shard)
+        if self.cache_dir is not None:
+            return fetch_to_cache(loc, unit.shard, self.cache_dir, self.budget)
+        if unit.end is not None and unit.end <= unit.start:
+            return np.empty(0, np.uint8)
+        data = read_range(loc, unit.start if unit.end is not None else None, unit.end)
+        self.budget.fetched(len(data))
+        whole = unit.end is None or (unit.start == 0 and unit.end == unit.shard.num_bytes)
+        if whole and hashlib.sha256(data).hexdigest() == unit.shard.sha256:  # cheaper than CRCs
+            if unit.end is None:
+                self._intact.add(unit.shard.path)
+            unit.whole_file_ok = True
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def cache_shards(self, shards: Sequence[ShardInfo]) -> list[str]:
+        """Local paths of ``shards``: the files themselves for a local dataset, else their cached
+        copies, downloading the missing ones on a few threads."""
+        if not self.info.remote:
+            return [os.path.join(self.info.root, s.path) for s in shards]
+        if self.cache_dir is None:
+            raise ConfigError(f"{self.info.root} is remote; pass cache_dir to keep local copies of its shards")
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dlpipe-cache") as pool:
+            return list(pool.map(lambda s: fetch_to_cache(self.info.shard_location(s), s, self.cache_dir,
+                                                          self.budget), shards))
+
+    # -- decoding (the caller's thread)
+
+    def read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
+        """Records ``[start, stop)`` of ``shard``, fetched now (no read-ahead)."""
+        unit = next(self.plan([shard], [(0, start, stop)]))
+        data = None if self._holds(unit) else self.fetch(unit)
+        return self.decode(unit, data, start, stop)
+
+    def _holds(self, unit: Fetch) -> bool:
+        """Whether the whole remote shard ``unit`` wants is the one kept decompressed."""
+        return (self.info.remote and self.cache_dir is None and unit.end is None and self._buf is not None
+                and self._buf[0] == self.info.shard_location(unit.shard).url)
+
+    def decode(self, unit: Fetch, data: Any, start: int, stop: int) -> dict[str, Ragged]:
+        """Records ``[start, stop)`` of ``unit.shard`` from ``data`` (what ``fetch`` returned)."""
+        buf, base, path, crc = self._bytes(unit, data)
+        with _shard_numbering(start, base):
+            frames = self._frames(unit.shard, start, stop, buf, base, path)
+            if self.info.format == "webdataset":
+                from dlpipe.formats.wds import read_samples
+
+                _, cols = read_samples(buf, self.encodings, path=path, sample_offsets=frames)
+                return {n: cols[n] for n in self.encodings}
+            return self._read_tfrecord(buf, frames, path, crc=crc)
+
+    def payloads(self, unit: Fetch, data: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(buffer, starts, ends) of the serialized records ``[start, stop)`` (CRCs checked as in
+        ``decode``): what TFRecordDataset would yield, for tf.data over object storage."""
+        buf, base, path, crc = self._bytes(unit, data)
+        with _shard_numbering(start, base):
+            frames = self._frames(unit.shard, start, stop, buf, base, path)
+            if crc:
+                check_frame_crcs(buf, frames, path=path)
+        starts, ends = payload_bounds(frames)
+        return buf, starts, ends
+
+    def _bytes(self, unit: Fetch, data: Any) -> tuple[np.ndarray, int, str, bool]:
+        """(buffer, shard offset of its first byte, path or URL for errors, whether to check CRCs)."""
+        shard, tfrecord = unit.shard, self.info.format == "tfrecord"
+        if not self.info.remote or self.cache_dir is not None:
+            path = data if isinstance(data, str) else os.path.join(self.info.root, shard.path)
+            kept = self._buf
+            if kept is None or kept[0] != path:
+                kept = self._buf = (path, np.asarray(read_decompressed(path, self.info.compression)))
+            crc = tfrecord and self.check_crc and not self._verified(shard, path)
+            return kept[1], 0, path, crc
+        url = self.info.shard_location(shard).url
+        if unit.end is not None:  # a range: CRCs stand in for the whole file's SHA-256
+            return data, unit.start, url, tfrecord and self.check_crc and not unit.whole_file_ok
+        kept = self._buf
+        if kept is None or kept[0] != url:  # a shard's later windows reuse its decompressed stream
+            kept = self._buf = (url, decompress(data, self.info.compression, url) if self.info.compression else data)
+        return kept[1], 0, url, tfrecord and self.check_crc and shard.path not in self._intact
+
+    def _frames(self, shard: ShardInfo, start: int, stop: int, buf: np.ndarray, base: int, path: str) -> np.ndarray:
+        """Frame offsets of records ``[start, stop)`` in ``buf`` (from the index), n + 1 of them."""
+        table = self.index(shard)[start:stop]
+        if not len(table):
+            return np.zeros(1, np.int64)
+        frames = np.append(table[:, 0], table[-1, 0] + table[-1, 1]) - base
+        if frames[-1] > len(buf):
+            raise FormatError(path, f"shard is shorter ({base + len(buf)} bytes) than its index says",
+                              offset=int(frames[-1]), hint="the shard is truncated; rerun dlpipe reshard")
+        return frames
+
+    def _verified(self, shard: ShardInfo, path: str) -> bool:
+        """Whether the whole local file matches its manifest digest (checked once per process)."""
+        if shard.path not in self._intact:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                    else hashlib.sha256(f.read()).hexdigest()
+            if digest != shard.sha256:
+                return False
+            self._intact.add(shard.path)
+        return True
+
+    def _read_tfrecord(self, buf: np.ndarray, frames: np.ndarray, path: str, *, crc: bool) -> dict[str, Ragged]:
+        from dlpipe.formats.example_decode import decode_examples
+
+        if crc:
+            check_frame_crcs(buf, frames, path=path)
+        starts, ends = payload_bounds(frames)
+        feats = decode_examples(buf, starts, ends, path=path, frame_offsets=frames[:-1])
+        n = len(starts)
+        out = {}
+        for name, enc in self.encodings.items():
+            f = feats.get(name)
+            if f is None or (n and not f.present.all()):
+                i = 0 if f is None else int(np.flatnonzero(~f.present)[0])
+                raise FormatError(path, f"record lacks column {name!r}", offset=int(frames[i]), record=i,
+                                  hint="the shard does not match its manifest; rerun dlpipe reshard")
+            out[name] = _typed(f, enc, n, path, frames)
+        return out
+
+
+@contextlib.contextmanager
+def _shard_numbering(first_record: int, base: int) -> Iterator[None]:
+    """Re-raise a FormatError with its record and byte offset counted from the start of the
+    shard (decoding numbers them within the range it was given)."""
+    try:
+        yield
+    except FormatError as e:
+        if not (first_record or base):
+            raise
+        record = None if e.record is None else e.record + first_record
+        offset = None if e.offset is None else e.offset + base
+        raise type(e)(e.path, e.detail, offset=offset, record=record, hint=e.hint) from None
+
+
+def _typed(f, enc: ColumnEncoding, n: int, path: str, frames: np.ndarray) -> Ragged:
+    """A decoded feature as values in the logical dtype with element row splits."""
+    if f.kind == "bytes":
+        storage = np.dtype(enc.storage_dtype).newbyteorder("<")
+        data, byte_splits = f.single_bytes(path=path)
+        bad = np.flatnonzero(np.diff(byte_splits) % storage.itemsize)
+        if len(bad):
+            i = int(bad[0])
+            raise FormatError(path, f"column {enc.name!r} holds a partial {storage} value",
+                              offset=int(frames[i]), record=i, hint="rerun dlpipe reshard")
+        values = data[byte_splits[0] : byte_splits[-1]].view(storage)
+        splits = (byte_splits - byte_splits[0]) // storage.itemsize
+    else:
+        values, splits = f.values, f.row_splits
+    return values.astype(enc.dtype, copy=False), splits.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+
+def read_window(reader: ShardReader, shards: Sequence[ShardInfo], window) -> dict[str, Ragged]:
+    """The records of one window as ragged columns (its shard ranges concatenated)."""
+    return concat_parts([reader.read(shards[s], a, b) for s, a, b in window.ranges], reader.encodings)
+
+
+def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iterable) -> Iterator[dict[str, Ragged]]:
+    """``read_window`` of each window in turn; over object storage the bytes of the windows
+    after the current one are fetched in the background, within ``reader``'s prefetch budget."""
+    windows = list(windows)
+    units = reader.plan(shards, (r for w in windows for r in w.ranges))
+    reader.load_indexes(shards[s] for s in dict.fromkeys(s for w in windows for s, _, _ in w.ranges))
+    if reader.fetches:
+        stream = read_ahead(units, reader.fetch, lambda u: u.nbytes, reader.budget)
+    else:
+        stream = ((u, None) for u in units)
+    try:
+        unit, data, left = None, None, 0
+        for window in windows:
+            parts = []
+            for _, a, b in window.ranges:
+                if left == 0:
+                    unit, data = next(stream)
+                    left = unit.ranges
+                parts.append(reader.decode(unit, data, a, b))
+                left -= 1
+            yield concat_parts(parts, reader.encodings)
+    finally:
+        stream.close()
+
+
+def concat_parts(parts: list[dict[str, Ragged]], encodings) -> dict[str, Ragged]:
+    """Ragged columns of consecutive record ranges as one."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in encodings:
+        values = np.concatenate([p[name][0] for p in parts])
+        splits = [np.zeros(1, np.int64)]
+        base = 0
+        for p in parts:
+            splits.append(p[name][1][1:] - p[name][1][0] + base)
+            base = int(splits[-1][-1]) if len(splits[-1]) else base
+        out[name] = (values, np.concatenate(splits))
+    return out
