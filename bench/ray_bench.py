@@ -9,8 +9,9 @@ Runs (``corpus.py``'s DeepCAL-like corpus, shuffled, 16 TFRecord shards):
 - ``local-w2 -> s3``           the process pool writing to a moto S3 server on 127.0.0.1
 - ``ray -> s3``                the Ray engine writing to the same server
 
-Each run ``--repeat`` times (fresh output), median (min-max). Every output is checked
-byte-identical to ``local-w1``'s. Results: ``bench/results/ray_engine.json`` and ``.md``.
+``--repeat`` rounds, each run once per round (fresh output), median (min-max). Every output,
+manifest included, is checked byte-identical to ``local-w1``'s. Results:
+``bench/results/ray_engine.json`` and ``.md``.
 
     python bench/ray_bench.py [--records 200000] [--repeat 3]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import machine_info
+from machine import machine_busy_seconds, machine_info, own_cpu_seconds
 
 from dlpipe.benchmark.corpus import build_corpus
 
@@ -44,7 +46,23 @@ def _fmt(x: float) -> str:
 
 
 def _files(loc: Location) -> dict[str, bytes]:
-    return {n: loc.join(n).read_bytes() for n in loc.listdir() if n != "dataset_info.json"}
+    """Shards, indexes and the manifest, by name."""
+    return {n: loc.join(n).read_bytes() for n in loc.listdir()}
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU seconds of this process, its reaped children (pool workers) and its live descendants
+    (Ray's daemons and workers, the S3 server)."""
+    import psutil
+
+    total = own_cpu_seconds()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # gone meanwhile
+            pass
+    return total
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,7 +79,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     server.make_bucket("dlpipe")
 
     t = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
     ray_start = time.perf_counter() - t
 
     configs = [
@@ -71,31 +89,38 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         ("local-w2 -> s3", "loopback S3", dict(workers=2, storage_options=server.storage_options)),
         ("ray -> s3", "loopback S3", dict(engine="ray", storage_options=server.storage_options)),
     ]
-    runs, reference = [], None
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    cpu: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    busy: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    reference, load_before = None, os.getloadavg()
     try:
-        for name, target, kw in configs:
-            seconds = []
-            for i in range(args.repeat):
+        for i in range(args.repeat):  # rounds, every run once per round: drift hits all alike
+            for name, target, kw in configs:
                 out = f"s3://dlpipe/{name.replace(' ', '')}-{i}" if "s3" in target else str(work / f"{name}-{i}")
-                t = time.perf_counter()
+                t, c, b = time.perf_counter(), _tree_cpu_seconds(), machine_busy_seconds()
                 summary = dlpipe.reshard(sources, out, **opts, **kw)
-                seconds.append(time.perf_counter() - t)
+                seconds[name].append(time.perf_counter() - t)
+                cpu[name].append(_tree_cpu_seconds() - c)
+                busy[name].append(machine_busy_seconds() - b)
                 files = _files(Location(out, kw.get("storage_options")))
                 reference = reference or files
                 if files != reference:
                     raise SystemExit(f"{name}: output differs from local-w1's")
                 if "s3" not in target:
                     shutil.rmtree(out)
-            rates = [summary.num_records / s for s in seconds]
-            runs.append({"name": name, "output": target, "engine": kw.get("engine", "local"),
-                         "workers": kw.get("workers", 2), "seconds": seconds,
-                         "records_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
-                         "byte_identical_to_local_w1": True})
-            print(f"{name:16} {_fmt(statistics.median(rates))} records/s", flush=True)
+            print(f"round {i + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n, _, _ in configs), flush=True)
     finally:
         ray.shutdown()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    runs = []
+    for name, target, kw in configs:
+        rates = [summary.num_records / s for s in seconds[name]]
+        runs.append({"name": name, "output": target, "engine": kw.get("engine", "local"),
+                     "workers": kw.get("workers", 2), "seconds": seconds[name],
+                     "cpu_s": cpu[name], "others_cpu_s": [max(0.0, b - c) for b, c in zip(busy[name], cpu[name])],
+                     "records_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
+                     "byte_identical_to_local_w1": True})
 
     med = {r["name"]: r["records_per_s"]["median"] for r in runs}
     return {
@@ -106,6 +131,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "corpus": {k: v for k, v in corpus.items() if k != "reused"},
         "settings": {"repeat": args.repeat, "num_shards": args.num_shards, "ray_num_cpus": 2},
         "ray_startup_seconds": ray_start,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "runs": runs,
         "ratios": {
             "ray / local-w2": med["ray"] / med["local-w2"],
@@ -124,16 +150,23 @@ def render(result: dict[str, Any]) -> str:
         f"`{result['command']}`", "",
         f"Corpus: {result['corpus']['num_records']:,} records (DeepCAL-like, padded to 128), shuffled into "
         f"{result['settings']['num_shards']} TFRecord shards. Ray: a local instance with 2 CPUs; its start-up "
-        f"({result['ray_startup_seconds']:.1f} s) is not in the rates. S3: moto on 127.0.0.1. Each run "
-        f"{result['settings']['repeat']}x, median (min-max); every output byte-identical to local-w1's.", "",
-        "| run | output | records/s | seconds (median) |", "|---|---|---:|---:|",
+        f"({result['ray_startup_seconds']:.1f} s) is not in the rates. S3: moto on 127.0.0.1. "
+        f"{result['settings']['repeat']} rounds, every run once per round, median (min-max); every output "
+        "(shards, indexes, manifest) byte-identical to local-w1's.", "",
+        "| run | output | records/s | seconds | CPU-s (others) |", "|---|---|---:|---:|---:|",
     ]
     for r in result["runs"]:
         rps = r["records_per_s"]
         lines.append(f"| {r['name']} | {r['output']} | {_fmt(rps['median'])} ({_fmt(rps['min'])}-{_fmt(rps['max'])}) "
-                     f"| {statistics.median(r['seconds']):.2f} |")
+                     f"| {statistics.median(r['seconds']):.2f} | {statistics.median(r['cpu_s']):.2f} "
+                     f"({statistics.median(r['others_cpu_s']):.2f}) |")
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    load = result["load_average"]
+    lines += ["", "seconds and CPU-s are medians. CPU-s: this benchmark's processes during the run (the caller, "
+              "pool workers, Ray's daemons and workers, the S3 server); others: every other process on the "
+              "machine meanwhile (`/proc/stat`), which competed for the same 2 CPUs. Load average (1 min) "
+              f"before/after: {load['before'][0]:.2f}/{load['after'][0]:.2f}."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,71 +1,90 @@
 """``dlpipe reshard --engine ray``: the engine's tasks as Ray tasks.
 
 The local engine hands pure task functions (scan a record range, write one shard) to a process
-pool. ``RayExecutor`` offers the same two calls the engine uses (``map`` in order, ``shutdown``)
-over Ray: the job (source, padding, output location) goes into the object store once, every
-call becomes one Ray task, and the results come back in submission order, so the plan, the
-shard bytes and the manifest are the same as with the local engine.
+pool. ``RayExecutor`` offers the two calls the engine makes of that pool (``map`` with results in
+order, ``shutdown``) over Ray: the job (source, padding, output location) goes into the object
+store once and each worker loads it once, every call becomes one Ray task, and results come back
+in submission order. The tasks are the local engine's own, so plan, shard bytes and manifest are
+the same; nothing depends on how many workers run them.
 
 Failures: a task whose worker process dies (killed, out of memory, node lost) is retried up to
-``max_retries`` times by Ray; a shard is a pure function of the plan and only reaches its final
-name when complete, so a retry writes the same bytes. A DlpipeError raised by a task (bad
-input, unwritable output) is not retried and reaches the caller as the same exception.
+``max_retries`` times; a shard only reaches its final name when complete, so a retry writes the
+same bytes. A DlpipeError raised by a task (bad input, unwritable output) is not retried and
+reaches the caller as itself, so the CLI prints its one line.
+
+Ray that dlpipe started (or connected to) is shut down when the reshard ends; Ray the caller
+initialized is left as it is. On a cluster of several nodes, every worker must reach the sources
+and the output by the same names: URLs (``s3://``) or a shared filesystem. Remote sources that
+are copied to a local cache before reading (all kinds but .npy and raw) exist on the driver's node
+only.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from dlpipe._deps import require
 from dlpipe.errors import ConfigError, DlpipeError
 
-_STARTED_HERE = False
+_STARTED_HERE = False  # dlpipe called ray.init, so dlpipe calls ray.shutdown
+_WORKER_JOB: str | None = None  # in a Ray worker: the object id of the job it holds
 
 
 def connect(address: str | None = None) -> int:
-    """Join the Ray cluster at ``address`` (default: the running one, else start a local one);
-    return its CPU count."""
+    """Join Ray at ``address`` (default: ``RAY_ADDRESS``, then a ``ray start`` cluster on this
+    machine, else a new local instance); return the cluster's CPU count."""
     global _STARTED_HERE
     ray = require("ray", "--engine ray")
     if not ray.is_initialized():
-        env_address = os.environ.get("RAY_ADDRESS")
-        _check_reachable(address or env_address)
+        target = address or os.environ.get("RAY_ADDRESS") or None
+        _probe(target)
+        # a remote cluster's workers do not share this environment; fault injection must reach them
+        env = {k: v for k, v in os.environ.items() if k.startswith("DLPIPE_")}
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level="warning", configure_logging=True,
-                     # workers inherit this process's environment (credentials, DLPIPE_* settings)
-                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                               if k.startswith(("AWS_", "DLPIPE_", "GOOGLE_"))}})
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="error",
+                     configure_logging=True, runtime_env={"env_vars": env} if env and target else None)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            where = address or env_address or "a new local instance"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"--ray-address {where}: cannot connect to Ray ({first}); start the cluster "
-                              "(ray start --head) or pass its address, e.g. --ray-address ray://HOST:10001") from None
-        _STARTED_HERE = address is None and env_address is None
+            raise ConfigError(_cannot_connect(target or "a new local instance", _first_line(e))) from None
+        _STARTED_HERE = True
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _check_reachable(address: str | None) -> None:
-    """Fail in seconds on an address nothing listens at (Ray itself keeps retrying for minutes)."""
-    if not address or address in ("auto", "local"):
+def _probe(target: str | None) -> None:
+    """Refuse an unreachable ``host:port`` at once: Ray itself retries for minutes."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", target or "")
+    if found is None:  # None, "auto", "local": Ray looks for the cluster itself
         return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((found[1], int(found[2])), timeout=5).close()
     except OSError as e:
-        raise ConfigError(f"--ray-address {address}: nothing answers there ({e.strerror or e}); start the cluster "
-                          "(ray start --head) or pass its address, e.g. --ray-address ray://HOST:10001") from None
+        raise ConfigError(_cannot_connect(target, e.strerror or type(e).__name__)) from None
 
 
-def _run_task(job, fn: Callable, arg):
+def _cannot_connect(target: str, why: str) -> str:
+    return (f"--ray-address {target}: cannot connect to Ray ({why}); start the cluster (ray start --head) "
+            "or pass its address, e.g. --ray-address HOST:6379 or ray://HOST:10001")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _run_task(job_box: list, fn: Callable, arg):
+    """One task on a Ray worker: load the job once per worker (the box keeps Ray from
+    resolving the reference for every task), then run the engine's function."""
+    global _WORKER_JOB
     from dlpipe import engine
 
-    if engine._JOB is not job:
-        engine._init_worker(job)
+    (ref,) = job_box
+    if ref.hex() != _WORKER_JOB:
+        import ray
+
+        engine._init_worker(ray.get(ref))
+        _WORKER_JOB = ref.hex()
     return fn(arg)
 
 
@@ -75,42 +94,51 @@ class RayExecutor:
     def __init__(self, job, *, address: str | None = None, max_retries: int = 3) -> None:
         self._ray = require("ray", "--engine ray")
         connect(address)
-        self._job = self._ray.put(job)
+        self._job = [self._ray.put(job)]
+        self._max_retries = max_retries
         self._task = self._ray.remote(max_retries=max_retries, retry_exceptions=False)(_run_task)
-        self._pending: list = []
+        self._pending: set = set()
 
     def map(self, fn: Callable, args: Iterable) -> Iterator:
+        """Submit every call now; yield the results in submission order."""
         refs = [self._task.remote(self._job, fn, a) for a in args]
-        self._pending.extend(refs)
-        return self._results(refs)
+        self._pending.update(refs)
+        return self._results(refs, fn.__name__)
 
-    def _results(self, refs: list) -> Iterator:
+    def _results(self, refs: list, name: str) -> Iterator:
         ray = self._ray
         for ref in refs:
             try:
                 yield ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, DlpipeError):
-                    raise cause from None
+                if isinstance(e.cause, DlpipeError):
+                    raise e.cause from None
                 raise
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError) as e:
+                raise DlpipeError(f"Ray task {name} failed after {self._max_retries} retries "
+                                  f"({_first_line(e)}); rerun to resume from the finished shards") from e
             finally:
-                if ref in self._pending:
-                    self._pending.remove(ref)
+                self._pending.discard(ref)
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         ray = self._ray
-        if cancel_futures:
-            for ref in self._pending:
-                ray.cancel(ref, force=True)
-        elif wait and self._pending:
-            ray.wait(self._pending, num_returns=len(self._pending))
+        pending = list(self._pending)
         self._pending.clear()
-        if _STARTED_HERE:  # a local instance this run started; a user's cluster is left alone
-            _shutdown(ray)
+        if cancel_futures:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        if wait and pending:  # a cancelled task is done once its worker is gone
+            ray.wait(pending, num_returns=len(pending), timeout=60)
+        disconnect()
 
 
-def _shutdown(ray) -> None:
+def disconnect() -> None:
+    """Shut Ray down if ``connect`` started it (or joined a cluster for dlpipe); a Ray the
+    caller initialized is left as it is."""
     global _STARTED_HERE
-    ray.shutdown()
-    _STARTED_HERE = False
+    if _STARTED_HERE:
+        import ray
+
+        ray.shutdown()
+        _STARTED_HERE = False

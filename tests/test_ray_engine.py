@@ -1,5 +1,5 @@
 """The Ray engine on a local Ray instance (2 CPUs): byte-identical to the local engine, a worker
-killed mid-shard is retried, dlpipe errors come back as themselves."""
+killed mid-shard is retried, dlpipe errors come back as themselves, the CLI stays one line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import padded_tokens
 
 import dlpipe
-from dlpipe.errors import FormatError
+from dlpipe.errors import DlpipeError, PaddingError
 
 ray = pytest.importorskip("ray")
 
@@ -21,11 +21,12 @@ KILLED_SHARD = "killme-00001-of-00004.tfrecord"
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    """A local Ray shared by the module; yields the failpoint's marker file."""
     marker = tmp_path_factory.mktemp("failpoint") / "fired"
-    # workers inherit the environment of the process that starts Ray
+    # the workers of a local instance inherit the environment of the process that starts it
     os.environ["DLPIPE_FAILPOINTS"] = f"shard-partly-written={KILLED_SHARD}@{marker}"
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
         yield marker
     finally:
         ray.shutdown()
@@ -37,32 +38,31 @@ def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     rng = np.random.default_rng(5)
     ids, _ = padded_tokens(rng, 6000, 40, dtype=np.int32)
+    ids[:3] = 0  # empty records
+    ids[3:6] = rng.integers(1, 100, (3, 40))  # full ones
     np.save(root / "input_ids.npy", ids)
     np.save(root / "labels.npy", rng.normal(size=(6000, 2)).astype(np.float32))
     return [f"input_ids={root}/input_ids.npy", f"labels={root}/labels.npy"]
 
 
-def _files(path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
-
-
-def _same_output(a, b) -> None:
-    fa, fb = _files(a), _files(b)
+def assert_same_files(a, b) -> None:
+    """Every file under a and b, the manifest included, byte for byte."""
+    fa = {p.relative_to(a): p.read_bytes() for p in sorted(a.rglob("*")) if p.is_file()}
+    fb = {p.relative_to(b): p.read_bytes() for p in sorted(b.rglob("*")) if p.is_file()}
     assert sorted(fa) == sorted(fb)
-    for name in fa:
-        if name != "dataset_info.json":
-            assert fa[name] == fb[name], name
+    assert [name for name in fa if fa[name] != fb[name]] == []
 
 
 @pytest.mark.parametrize("fmt", ["tfrecord", "webdataset"])
 def test_ray_output_is_byte_identical(ray_cluster, source, tmp_path, fmt):
     opts = dict(format=fmt, pad_id=0, num_shards=5, shuffle=True, seed=1, splits="train=0.9,validation=0.1")
-    local = dlpipe.reshard(source, tmp_path / "local", workers=2, **opts)
+    local = dlpipe.reshard(source, tmp_path / "local", workers=1, **opts)
     remote = dlpipe.reshard(source, tmp_path / "ray", engine="ray", **opts)
     assert (remote.num_records, remote.num_shards, remote.output_bytes) == \
         (local.num_records, local.num_shards, local.output_bytes)
-    _same_output(tmp_path / "local", tmp_path / "ray")
-    assert ray.is_initialized()  # a cluster the caller started is left running
+    assert remote.shards_written == local.num_shards > 1
+    assert_same_files(tmp_path / "local", tmp_path / "ray")
+    assert ray.is_initialized()  # Ray the caller started is left running
 
 
 def test_worker_killed_mid_shard_is_retried(ray_cluster, source, tmp_path):
@@ -71,27 +71,42 @@ def test_worker_killed_mid_shard_is_retried(ray_cluster, source, tmp_path):
     dlpipe.reshard(source, tmp_path / "ray", engine="ray", **opts)
     assert ray_cluster.exists(), "the failpoint did not fire: no worker was killed"
     dlpipe.reshard(source, tmp_path / "local", workers=1, **opts)
-    _same_output(tmp_path / "local", tmp_path / "ray")
-    assert not [p for p in os.listdir(tmp_path / "ray") if p.endswith(".tmp")]
+    assert_same_files(tmp_path / "local", tmp_path / "ray")
 
 
-def test_dlpipe_errors_in_tasks_are_not_wrapped(ray_cluster, tmp_path):
-    # a raw source whose records are cut short is refused by the scan tasks' reader
-    (tmp_path / "a.bin").write_bytes(np.arange(64, dtype=np.int32).tobytes())
-    with pytest.raises(FormatError, match="trailing bytes"):
-        dlpipe.reshard([tmp_path / "a.bin"], tmp_path / "out", layout="x:int32[5]", engine="ray")
+def test_padding_error_in_a_scan_task_comes_back_unwrapped(ray_cluster, tmp_path):
+    lengths = np.full(3000, 4, dtype=np.int32)
+    lengths[2500] = 41  # a corrupt record: longer than its padded width
+    np.save(tmp_path / "ids.npy", np.ones((3000, 40), np.int32))
+    np.save(tmp_path / "len.npy", lengths)
+    specs = [f"input_ids={tmp_path}/ids.npy", f"length={tmp_path}/len.npy"]
+    with pytest.raises(PaddingError, match=r"\(record 2500\): lengths column 'length' holds 41") as err:
+        dlpipe.reshard(specs, tmp_path / "out", lengths_column="length", engine="ray")
+    assert type(err.value) is PaddingError and err.value.record == 2500
+    assert not (tmp_path / "out" / "dataset_info.json").exists()
 
 
-def test_cli_engine_ray_starts_and_stops_its_own_instance(source, tmp_path):
+def test_executor_order_and_exhausted_retries(ray_cluster):
+    from dlpipe.ray_engine import RayExecutor
+
+    pool = RayExecutor(None)
+    assert list(pool.map(abs, [-3, 1, -2, 0])) == [3, 1, 2, 0]
+    crashing = RayExecutor(None, max_retries=0)
+    with pytest.raises(DlpipeError, match=r"Ray task _exit failed after 0 retries .*rerun to resume"):
+        list(crashing.map(os._exit, [3]))  # the worker process exits: a system failure
+    crashing.shutdown(cancel_futures=True)
+    assert ray.is_initialized()
+
+
+def test_cli_engine_ray_starts_its_own_instance(source, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DLPIPE_FAILPOINTS")}
-    out = subprocess.run([sys.executable, "-m", "dlpipe.cli", "reshard", *source, "-o", str(tmp_path / "cli"),
-                          "--pad-id", "0", "--num-shards", "3", "--engine", "ray"],
-                         capture_output=True, text=True, env=env, timeout=240)
-    assert out.returncode == 0, out.stderr
-    assert "6,000 records in 3 shards" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "dlpipe.cli", "reshard", *source, "-o", str(tmp_path / "x"),
-                          "--pad-id", "0", "--engine", "ray", "--ray-address", "127.0.0.1:1"],
-                         capture_output=True, text=True, env=env, timeout=240)
+    cmd = [sys.executable, "-m", "dlpipe", "reshard", *source, "--pad-id", "0", "--engine", "ray"]
+    good = subprocess.run([*cmd, "-o", str(tmp_path / "cli"), "--num-shards", "3"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert "6,000 records in 3 shards" in good.stdout and good.stderr == ""
+    bad = subprocess.run([*cmd, "-o", str(tmp_path / "x"), "--ray-address", "127.0.0.1:1"],
+                         capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 1
-    lines = [line for line in bad.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.startswith("dlpipe: error: --ray-address 127.0.0.1:1: cannot connect to Ray")
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
