@@ -182,26 +182,30 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
 @main.command(epilog=_SOURCE_HELP)
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @_padding_options
+@_storage_option
 @_debug_option
 @_friendly_errors
-def inspect(paths, pad_id, lengths_column, mask_column, padding_side, layout, header_bytes):
-    """Describe a source (schema, padding waste, length histogram) or a dlpipe dataset directory."""
+def inspect(paths, pad_id, lengths_column, mask_column, padding_side, layout, header_bytes, storage_option):
+    """Describe a source (schema, padding waste, length histogram) or a dlpipe dataset directory
+    (PATH may be a URL such as s3://bucket/shards)."""
     from dlpipe.inspect import inspect as run
 
     click.echo(run(list(paths), pad_id=pad_id, lengths_column=lengths_column, mask_column=mask_column,
-                   padding_side=padding_side, layout=layout, header_bytes=header_bytes))
+                   padding_side=padding_side, layout=layout, header_bytes=header_bytes,
+                   storage_options=_storage_options(storage_option)))
 
 
 @main.command()
 @click.argument("path", metavar="DIR")
+@_storage_option
 @_debug_option
 @_friendly_errors
-def verify(path):
-    """Re-read every shard of DIR: CRCs, record and token counts, index files and checksums
-    against dataset_info.json. Exits 1 on any mismatch."""
+def verify(path, storage_option):
+    """Re-read every shard of DIR (a directory or a URL such as s3://bucket/shards): CRCs, record
+    and token counts, index files and checksums against dataset_info.json. Exits 1 on any mismatch."""
     from dlpipe.verify import verify as run
 
-    report = run(path, raise_on_error=False)
+    report = run(path, storage_options=_storage_options(storage_option), raise_on_error=False)
     for problem in report.problems:
         click.echo(f"dlpipe: error: {problem}", err=True)
     click.echo(str(report))

@@ -152,10 +152,6 @@ def reshard(
         raise ConfigError(f"balance_by={balance_by!r}; use 'bytes' or 'tokens'")
     if engine not in ("local", "ray"):
         raise ConfigError(f"engine={engine!r}; use 'local' (a process pool) or 'ray'")
-    if engine == "ray":
-        from dlpipe.ray_engine import connect
-
-        workers = connect(ray_address)  # the cluster's CPUs decide how finely the scan is cut
     workers = os.cpu_count() or 1 if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers={workers}; must be >= 1")
@@ -182,11 +178,13 @@ def reshard(
     show = sys.stderr.isatty() if progress is None else progress
     n = source.num_records
 
+    if engine == "ray":  # joined only now, so a bad argument above leaves no Ray instance behind
+        from dlpipe.ray_engine import RayExecutor, connect
+
+        workers = connect(ray_address)  # the cluster's CPUs decide how finely the scan is cut
     job = _Job(source, spec, format, compression, out, chunk_rows, workers)
     pool = None
     if engine == "ray":
-        from dlpipe.ray_engine import RayExecutor
-
         pool = RayExecutor(job, address=ray_address)
     elif workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))

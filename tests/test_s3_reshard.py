@@ -125,11 +125,16 @@ def test_cli_storage_options_and_no_secret_in_output(s3_server, corpus):
                                    "--num-shards", "3", *args])
     assert ok.exit_code == 0, ok.output
     assert "3,000 records in 3 shards" in ok.output
+    checked = CliRunner().invoke(main, ["verify", "s3://dlpipe/cli", *args])
+    assert checked.exit_code == 0, checked.output
+    assert "3,000 records" in checked.output or "3000 records" in checked.output, checked.output
+    described = CliRunner().invoke(main, ["inspect", "s3://dlpipe/cli", *args])
+    assert described.exit_code == 0 and "input_ids" in described.output, described.output
     bad = CliRunner().invoke(main, ["reshard", "s3://dlpipe/missing.npy", "-o", "s3://dlpipe/cli2",
                                     "--pad-id", "0", *args])
     assert bad.exit_code == 1
     assert bad.stderr.count("\n") == 1 and "s3://dlpipe/missing.npy" in bad.stderr
-    for result in (ok, bad):
+    for result in (ok, checked, described, bad):
         assert so["secret"] not in result.output and so["key"] not in result.output
     manifest = Location("s3://dlpipe/cli/dataset_info.json", so).read_bytes().decode()
     assert so["secret"] not in manifest and so["key"] not in manifest
