@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from corpus import PAD_ID, build_corpus
 from machine import machine_busy_seconds, machine_info
+from results_io import record
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
@@ -851,17 +852,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.side:
         return side_main(args)
-    json_path, md_path = args.results_dir / "loaders.json", args.results_dir / "loaders.md"
-    if args.render_only:
-        result = json.loads(json_path.read_text())
-    else:
-        result = run_all(args)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md = render_markdown(result)
-    md_path.write_text(md)
-    print(md)
-    return 0
+    return record(args.results_dir, "loaders", lambda: run_all(args), render_markdown, render_only=args.render_only)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine_busy_seconds, machine_info, own_cpu_seconds
+from results_io import record
 
 from dlpipe.benchmark.corpus import build_corpus
 
@@ -177,13 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-shards", type=int, default=16)
     p.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
     p.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--render-only", action="store_true", help="rebuild ray_engine.md from the .json")
     args = p.parse_args(argv)
-    result = run_all(args)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "ray_engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results_dir / "ray_engine.md").write_text(render(result))
-    print(render(result))
-    return 0
+    return record(args.results_dir, "ray_engine", lambda: run_all(args), render, render_only=args.render_only)
 
 
 if __name__ == "__main__":

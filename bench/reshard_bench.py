@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import shutil
@@ -37,6 +36,7 @@ import numpy as np
 from corpus import PAD_ID, build_corpus
 from machine import cpu_scaling_ceiling, machine_busy_seconds, machine_info, own_cpu_seconds
 from reshard_report import compute_ratios, format_bytes, judge_targets, render_markdown
+from results_io import record
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
@@ -408,17 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    json_path, md_path = args.results_dir / "reshard.json", args.results_dir / "reshard.md"
-    if args.render_only:
-        result = json.loads(json_path.read_text())
-    else:
-        result = run_all(args)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md = render_markdown(result)
-    md_path.write_text(md)
-    print(md)
-    return 0
+    return record(args.results_dir, "reshard", lambda: run_all(args), render_markdown, render_only=args.render_only)
 
 
 if __name__ == "__main__":

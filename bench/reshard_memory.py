@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 import psutil
 from corpus import SEQ_LEN, build_corpus
 from machine import machine_info
+from results_io import record
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -252,17 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rebuild the .md from the .json")
     args = parser.parse_args(argv)  # fmt: skip
 
-    json_path = args.results_dir / "reshard_memory.json"
-    if args.render_only:
-        result = json.loads(json_path.read_text())
-    else:
-        result = run_all(args)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md = render_markdown(result)
-    json_path.with_suffix(".md").write_text(md)
-    print(md)
-    return 0
+    return record(args.results_dir, "reshard_memory", lambda: run_all(args), render_markdown,
+                  render_only=args.render_only)
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:

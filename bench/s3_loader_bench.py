@@ -41,6 +41,7 @@ from typing import Any
 from corpus import PAD_ID, build_corpus
 from loader_bench import one_run
 from machine import machine_info
+from results_io import record
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
@@ -335,17 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.side:
         return side_main(args)
-    json_path, md_path = args.results_dir / "s3_loaders.json", args.results_dir / "s3_loaders.md"
-    if args.render_only:
-        result = json.loads(json_path.read_text())
-    else:
-        result = run_all(args)
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md = render_markdown(result)
-    md_path.write_text(md)
-    print(md)
-    return 0
+    return record(args.results_dir, "s3_loaders", lambda: run_all(args), render_markdown, render_only=args.render_only)
 
 
 if __name__ == "__main__":
