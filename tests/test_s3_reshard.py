@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from conftest import padded_tokens
 import dlpipe
 from dlpipe.cli import main
 from dlpipe.errors import FormatError, OutputError
+from dlpipe.sources import open_source
 from dlpipe.storage import Location
 
 pytest.importorskip("s3fs")
@@ -106,6 +109,14 @@ def test_remote_staged_source_kind(s3_server, tmp_path, monkeypatch):
     b = dlpipe.reshard([f"s3://dlpipe/legacy/{legacy}"], "s3://dlpipe/b", pad_id=0, num_shards=2, storage_options=so)
     assert b.num_records == 500
     assert len(os.listdir(tmp_path / "cache" / "objects")) == 1  # fetched once, reused
+
+    # a worker on another machine (no cache there) fetches its own copy when it unpickles the source
+    source = open_source([f"s3://dlpipe/legacy/{legacy}"], storage_options=so)
+    expected = source.read(0, 500)
+    shutil.rmtree(tmp_path / "cache")
+    clone = pickle.loads(pickle.dumps(source))
+    for name, values in clone.read(0, 500).items():
+        np.testing.assert_array_equal(values, expected[name])
 
 
 def test_missing_remote_source_and_bad_output(s3_server, corpus):

@@ -131,8 +131,11 @@ def open_source(
 
         return RawSource(paths, layout=layout, header_bytes=header_bytes, storage_options=storage_options)
     if any(is_remote(p) for p in paths):
-        source = _open_local(kind, [Location(p, storage_options).local_copy() for p in paths], compression, columns)
+        origins = [Location(p, storage_options) for p in paths]
+        local = [loc.local_copy() for loc in origins]
+        source = _open_local(kind, local, compression, columns)
         source.origins = paths
+        source._staged = [(path, loc) for path, loc in zip(local, origins) if loc.remote]
         return source
     return _open_local(kind, paths, compression, columns)
 

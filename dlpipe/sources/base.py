@@ -99,6 +99,15 @@ class Source(abc.ABC):
             state[key] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # A source fetched from object storage into the cache may land on another machine (a
+        # Ray worker on another node): fetch it there into the same cache path, which is a pure
+        # function of the object's identity.
+        for local, origin in state.get("_staged") or ():
+            if not os.path.exists(local):
+                origin.local_copy(cache_dir=os.path.dirname(os.path.dirname(os.path.dirname(local))))
+
 
 def check_row_counts(counts: Mapping[str, int], path_of: Mapping[str, str]) -> int:
     """All columns must have the same number of rows; return it or name the odd one out."""
