@@ -152,13 +152,6 @@ class OutputDir:
         self.location.join(MANIFEST).write_bytes(_json_bytes(manifest))
         self._state().remove_tree()
 
-    def shard_size(self, name: str) -> int | None:
-        loc = self.location.join(name)
-        try:
-            return loc.size()
-        except (OSError, FileNotFoundError):
-            return None
-
     def remove_temporaries(self) -> None:
         if self.remote:  # nothing temporary lives in object storage
             return

@@ -112,12 +112,6 @@ class Location:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fs": None}
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and (self.url, self.storage_options) == (other.url, other.storage_options)
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
     def join(self, *names: str) -> Location:
         joined = posixpath.join(self.url, *names) if self.remote else os.path.join(self.url, *names)
         child = Location.__new__(Location)
