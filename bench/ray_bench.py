@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine_busy_seconds, machine_info, own_cpu_seconds
-from results_io import record
+from results_io import provenance, record
 
 from dlpipe.benchmark.corpus import build_corpus
 
@@ -143,11 +143,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [
         "# Ray engine and S3 output benchmark", "",
-        f"{result['created']} · {m.get('cpu_model') or 'CPU'} · {m.get('cpus_usable', '?')} usable CPUs · "
-        f"`{result['command']}`", "",
+        provenance(result), "",
         f"Corpus: {result['corpus']['num_records']:,} records (DeepCAL-like, padded to 128), shuffled into "
         f"{result['settings']['num_shards']} TFRecord shards. Ray: a local instance with 2 CPUs; its start-up "
         f"({result['ray_startup_seconds']:.1f} s) is not in the rates. S3: moto on 127.0.0.1. "

@@ -23,3 +23,10 @@ def record(results_dir: Path, name: str, run: Callable[[], dict[str, Any]],
     json_path.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def provenance(result: dict[str, Any]) -> str:
+    """The line under a report's title: when, on what machine, by which command."""
+    m = result["machine"]
+    return (f"{result['created']} · {m.get('cpu_model') or 'CPU'} · {m.get('cpus_usable', '?')} usable CPUs · "
+            f"`{result['command']}`")

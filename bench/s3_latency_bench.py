@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import machine_info
-from results_io import record
+from results_io import provenance, record
 
 from dlpipe.benchmark.corpus import build_corpus
 
@@ -135,11 +135,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [
         "# Read-ahead under request latency", "",
-        f"{result['created']} · {m.get('cpu_model') or 'CPU'} · {m.get('cpus_usable', '?')} usable CPUs · "
-        f"`{result['command']}`", "",
+        provenance(result), "",
         f"PyTorch loader (num_workers=0, batch {result['settings']['batch_size']}, shuffled) over "
         f"{result['corpus']['num_records']:,} records in 8 uncompressed TFRecord shards on a moto S3 server, "
         "through a proxy that holds every request for the given delay; one range request per window "
