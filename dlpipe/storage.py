@@ -304,6 +304,12 @@ class Location:
         if os.path.exists(target):
             return target
         os.makedirs(root, exist_ok=True)
+        with file_lock(target + ".lock"):  # the other processes on this machine wait for one download
+            if not os.path.exists(target):
+                self._download(files, root, target)
+        return target
+
+    def _download(self, files: list[Location], root: str, target: str) -> None:
         staging = tempfile.mkdtemp(prefix=".fetch-", dir=root)
         try:
             dest = os.path.join(staging, self.name)
@@ -315,11 +321,9 @@ class Location:
                     rel = f.fs_path[len(base):]
                     os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
                     f.fs.get_file(f.fs_path, os.path.join(dest, rel))
-            with contextlib.suppress(OSError):  # another process may have finished first
-                os.replace(dest, target)
+            os.replace(dest, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return target
 
 
 _FILESYSTEMS: dict[tuple[int, str, str], Any] = {}
@@ -336,6 +340,26 @@ def _filesystem(protocol: str, options: Mapping[str, Any]):
         fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         _FILESYSTEMS[key] = fs
     return fs
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive advisory lock between processes on this machine (one download of a file)."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks: processes may download the same file twice
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            # gone before it is unlocked: a later process finds the target, or (after a failed
+            # download) locks a new file and tries again; a waiter on this one then may too
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def default_cache_dir() -> str:

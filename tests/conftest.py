@@ -8,6 +8,19 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Copies of remote files go to a cache of the test run's own, not ~/.cache/dlpipe (set in
+    the environment, so CLI subprocesses and Ray workers see it too)."""
+    old = os.environ.get("DLPIPE_CACHE_DIR")
+    os.environ["DLPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("dlpipe-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DLPIPE_CACHE_DIR", None)
+    else:
+        os.environ["DLPIPE_CACHE_DIR"] = old
+
+
 def padded_tokens(rng: np.random.Generator, n: int, width: int, *, pad_id: int = 0, max_len: int | None = None,
                   vocab: int = 120, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """(n, width) right-padded token rows with no pad id at the end of real content, and lengths."""

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,10 @@ def test_local_to_s3_and_s3_to_s3_match_local_bytes(s3_server, corpus, tmp_path)
     summary = dlpipe.reshard(_sources("s3://dlpipe/src"), "s3://dlpipe/from-s3", storage_options=so, **OPTS)
     remote = Location("s3://dlpipe/from-s3", so)
     _same_files(tmp_path / "local", remote)
+    # shuffled shards take rows from anywhere: each file was fetched once into the cache, not
+    # re-read by range for every chunk
+    cached = sorted(p.name for p in Path(os.environ["DLPIPE_CACHE_DIR"], "objects").glob("*/*.npy"))
+    assert {"input_ids.npy", "labels.npy"} <= set(cached)
     assert summary.output == "s3://dlpipe/from-s3" and summary.output_bytes > 0
     with open(tmp_path / "local" / "dataset_info.json") as f:
         assert _manifest_shards(remote) == json.load(f)["dlpipe"]["shards"]

@@ -29,7 +29,7 @@ import numpy as np
 
 from dlpipe.errors import FormatError
 from dlpipe.manifest import ShardInfo
-from dlpipe.storage import Location
+from dlpipe.storage import Location, file_lock
 
 DEFAULT_PREFETCH_BYTES = 32 << 20
 DEFAULT_REQUEST_BYTES = 4 << 20
@@ -140,7 +140,7 @@ def fetch_to_cache(location: Location, shard: ShardInfo, cache_dir: str, budget:
         return target
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    with _file_lock(target + ".lock"):
+    with file_lock(target + ".lock"):
         if os.path.isfile(target):
             return target
         fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=folder)
@@ -190,22 +190,3 @@ def read_range(location: Location, start: int | None, end: int | None) -> bytes:
         what = "the shard" if start is None else f"bytes {start}-{end}"
         raise FormatError(location.url, f"cannot read {what} ({e.strerror or e})", offset=start,
                           hint="check the connection and --storage-option credentials") from None
-
-
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks: processes may download the same shard twice
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            # gone before it is unlocked: a later process finds the target, or (after a failed
-            # download) locks a new file and tries again; a waiter on this one then may too
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            fcntl.flock(f, fcntl.LOCK_UN)

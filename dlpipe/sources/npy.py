@@ -91,6 +91,7 @@ class NpySource(Source):
             counts[name] = shape[0]
         self._n = check_row_counts(counts, self._files)
         self._maps: dict[str, np.ndarray] | None = None
+        self._fetched = False  # remote files are read from this process's local copies
 
     @property
     def columns(self) -> Mapping[str, Column]:
@@ -103,18 +104,22 @@ class NpySource(Source):
 
     def _open(self) -> dict[str, np.ndarray]:
         if self._maps is None:
-            self._maps = {
-                name: RangeRows(self._where[name], d, s, off) if self._where[name].remote
-                else np.memmap(self._files[name], dtype=d, mode="r", offset=off, shape=s)
-                for name, (d, s, off) in self._layout.items()
-            }
+            self._maps = {}
+            for name, (d, s, off) in self._layout.items():
+                loc = self._where[name]
+                if loc.remote and not self._fetched:
+                    self._maps[name] = RangeRows(loc, d, s, off)
+                else:
+                    self._maps[name] = np.memmap(loc.local_copy(), dtype=d, mode="r", offset=off, shape=s)
         return self._maps
 
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        if not any(loc.remote for loc in self.locations):
-            return super().take(indices)
-        cols = self.columns
-        return {name: np.asarray(m[indices], dtype=cols[name].dtype) for name, m in self._open().items()}
+        # Rows from anywhere in the file (a shuffled shard): a range request per run of rows would
+        # fetch most of a remote file again for every chunk, so it is fetched once into this
+        # machine's cache and memory-mapped from then on.
+        if not self._fetched and any(loc.remote for loc in self.locations):
+            self._fetched, self._maps = True, None
+        return super().take(indices)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         cols = self.columns

@@ -2,7 +2,8 @@
 
 The remote counterpart of ``np.memmap`` for the sources whose records sit at computable byte
 offsets (``.npy``, raw fixed-width files): ``rows[a:b]`` is one range request for exactly those
-rows, ``rows[ids]`` one request per run of nearby ids. Memory is bounded by what is asked for.
+rows, so the scan and unshuffled shards read only their own rows. Memory is bounded by what is
+asked for. (Shuffled shards take rows from anywhere; the sources read those from a local copy.)
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import numpy as np
 
 from dlpipe.errors import FormatError
 from dlpipe.storage import Location
-
-# ids closer than this many rows are fetched in one request (a little waste beats a round trip)
-_GAP_ROWS = 256
 
 
 class RangeRows:
@@ -38,21 +36,9 @@ class RangeRows:
                               hint="the object changed or was cut short while reading; re-create it")
         return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:]))
 
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            rows = self._rows(start, max(start, stop))
-            return rows if step == 1 else rows[::step]
-        ids = np.asarray(key, dtype=np.int64)
-        if ids.ndim != 1:
-            raise TypeError("RangeRows takes a slice or a 1-D array of row ids")
-        out = np.empty((len(ids), *self.shape[1:]), self.dtype)
-        if not len(ids):
-            return out
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        cuts = np.flatnonzero(np.diff(sorted_ids) > _GAP_ROWS) + 1
-        for run in np.split(np.arange(len(ids)), cuts):
-            lo, hi = int(sorted_ids[run[0]]), int(sorted_ids[run[-1]]) + 1
-            out[order[run]] = self._rows(lo, hi)[sorted_ids[run] - lo]
-        return out
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("RangeRows reads row ranges (a slice); random rows come from a local copy")
+        start, stop, step = key.indices(len(self))
+        rows = self._rows(start, max(start, stop))
+        return rows if step == 1 else rows[::step]

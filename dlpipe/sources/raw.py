@@ -162,6 +162,7 @@ class RawSource(Source):
             counts.append(full)
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._maps: list[np.ndarray | None] | None = None
+        self._fetched = False  # remote files are read from this process's local copies
 
     @property
     def columns(self) -> Mapping[str, Column]:
@@ -184,11 +185,11 @@ class RawSource(Source):
             n = int(self._starts[i + 1] - self._starts[i])
             if n == 0:  # mmap cannot map zero bytes
                 m = np.empty(0, self._record)
-            elif self.locations[i].remote:
+            elif self.locations[i].remote and not self._fetched:
                 m = RangeRows(self.locations[i], self._record, (n,), self.header_bytes)
             else:
                 m = np.memmap(
-                    self.paths[i],
+                    self.locations[i].local_copy(),
                     dtype=self._record,
                     mode="r",
                     offset=self.header_bytes,
@@ -223,7 +224,10 @@ class RawSource(Source):
         return out
 
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows at ``indices``: memmap fancy indexing touches only the records asked for."""
+        """Rows at ``indices``: memmap fancy indexing touches only the records asked for. Remote
+        files are fetched once into this machine's cache first (see ``NpySource.take``)."""
+        if not self._fetched and any(loc.remote for loc in self.locations):
+            self._fetched, self._maps = True, None
         indices = np.asarray(indices, dtype=np.int64)
         n = self.num_records
         if len(indices) and (indices.min() < 0 or indices.max() >= n):
