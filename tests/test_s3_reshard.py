@@ -117,11 +117,14 @@ def test_remote_staged_source_kind(s3_server, tmp_path, monkeypatch):
 
     # a worker on another machine (no cache there) fetches its own copy when it unpickles the source
     source = open_source([f"s3://dlpipe/legacy/{legacy}"], storage_options=so)
-    expected = source.read(0, 500)
+    expected, fingerprint = source.read(0, 500), source.fingerprint()
     shutil.rmtree(tmp_path / "cache")
     clone = pickle.loads(pickle.dumps(source))
     for name, values in clone.read(0, 500).items():
         np.testing.assert_array_equal(values, expected[name])
+    # and a copy fetched again is the same input: a rerun there resumes the same plan
+    shutil.rmtree(tmp_path / "cache")
+    assert open_source([f"s3://dlpipe/legacy/{legacy}"], storage_options=so).fingerprint() == fingerprint
 
 
 def test_missing_remote_source_and_bad_output(s3_server, corpus):

@@ -83,8 +83,11 @@ class Source(abc.ABC):
         """Identity of the input: kind, paths, sizes and modification times or ETags (as HF
         datasets does); never credentials."""
         h = hashlib.sha256(self.kind.encode())
+        # a local copy of a remote object is known by the object, so a re-fetched copy (another
+        # machine, an emptied cache) still resumes the same reshard
+        origin_of = {local: origin for local, origin in getattr(self, "_staged", None) or ()}
         for loc in self.locations:
-            for f in loc.walk_files():
+            for f in origin_of.get(loc.url, loc).walk_files():
                 h.update(f"{f.identity()}\0".encode())
         for name, c in self.columns.items():
             h.update(f"{name}:{c.dtype.str}:{c.shape}".encode())
