@@ -130,16 +130,6 @@ def build_manifest(
     }
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_manifest(root: str | os.PathLike[str] | Location, storage_options: Mapping[str, Any] | None = None) -> DatasetInfo:
     """Parse ``root/dataset_info.json`` (``root`` a local path, ``file://`` or any fsspec URL);
     a FormatError names what is wrong. The manifest is the reshard's commit point: without it

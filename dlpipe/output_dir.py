@@ -23,7 +23,7 @@ from dlpipe.manifest import MANIFEST, ShardInfo
 from dlpipe.storage import Location, staging_dir
 
 STATE_DIR = ".dlpipe"
-_SHARD_FILE = r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.(tfrecord|tar)(\.gz|\.zz)?(\.index)?$"
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{5}-of-\d{5}\.(tfrecord|tar)(\.gz|\.zz)?(\.index)?$")
 
 
 class OutputDir:
@@ -78,8 +78,7 @@ class OutputDir:
                 raise OutputError(f"{out}: exists and is not empty; pass --overwrite to replace dlpipe shards "
                                   "there, or choose another --output")
             self._clean()
-            pattern = re.compile(_SHARD_FILE)
-            others = [f for f in out.listdir() if not pattern.match(f)]
+            others = [f for f in out.listdir() if not _SHARD_FILE.match(f)]
             if others:
                 raise OutputError(f"{out}: holds files dlpipe did not write ({', '.join(sorted(others)[:3])}...); "
                                   "choose an empty --output")
@@ -107,9 +106,8 @@ class OutputDir:
         # the manifest goes first: from then on no reader takes the directory for a dataset
         out = self.location
         out.join(MANIFEST).remove()
-        pattern = re.compile(_SHARD_FILE)
         for name in out.listdir():
-            if pattern.match(name) or (name.startswith(".") and name.endswith(".tmp")):
+            if _SHARD_FILE.match(name) or (name.startswith(".") and name.endswith(".tmp")):
                 out.join(name).remove()
         self._state().remove_tree()
 
