@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.errors import DlpipeError, FormatError, VerifyError
-from dlpipe.formats.tfrecord import payload_bounds, read_decompressed, scan_frames
+from dlpipe.formats.tfrecord import decompress, payload_bounds, read_decompressed, scan_frames
 from dlpipe.manifest import DatasetInfo, ShardInfo, load_manifest
 from dlpipe.storage import Location
 
@@ -80,8 +80,6 @@ def _verify_shard(info: DatasetInfo, shard: ShardInfo) -> None:
     if sha.hexdigest() != shard.sha256:
         raise VerifyError(f"{path}: SHA-256 differs from the manifest; the shard is corrupt, rerun the reshard")
     if loc.remote:
-        from dlpipe.loaders.remote import decompress
-
         buf = decompress(data, info.compression, path) if info.compression else data
     else:
         buf = read_decompressed(path, info.compression)

@@ -147,13 +147,17 @@ def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> 
             return np.empty(0, dtype=np.uint8)
         return np.memmap(path, dtype=np.uint8, mode="r")
     with open(path, "rb") as f:
-        data = f.read()
+        return decompress(f.read(), compression, os.fspath(path))
+
+
+def decompress(data: bytes | memoryview, compression: str, path: str) -> np.ndarray:
+    """A gzip or zlib record stream, whole, as bytes; a FormatError naming ``path`` if it is not one."""
     try:
         raw = gzip.decompress(data) if compression == "gzip" else zlib.decompress(data)
-        return np.frombuffer(raw, dtype=np.uint8)
     except (OSError, zlib.error, EOFError) as e:
         raise FormatError(path, f"cannot decompress {compression} stream ({e})",
                           hint="the file is truncated or not compressed as stated") from None
+    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def scan_frames(

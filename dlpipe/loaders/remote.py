@@ -14,18 +14,14 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import os
 import tempfile
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-
-import numpy as np
 
 from dlpipe.errors import FormatError
 from dlpipe.manifest import ShardInfo
@@ -117,15 +113,6 @@ def read_ahead(units: Iterator[U], fetch: Callable[[U], T], size: Callable[[U], 
             future.cancel()
         budget.give(held)
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def decompress(data: bytes | memoryview, compression: str, path: str) -> np.ndarray:
-    try:
-        raw = gzip.decompress(data) if compression == "gzip" else zlib.decompress(data)
-    except (OSError, zlib.error, EOFError) as e:
-        raise FormatError(path, f"cannot decompress {compression} stream ({e})",
-                          hint="the file is truncated or not compressed as stated") from None
-    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def cached_path(cache_dir: str, shard: ShardInfo) -> str:

@@ -39,7 +39,7 @@ import numpy as np
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.tfrecord import check_frame_crcs, payload_bounds, read_decompressed
+from dlpipe.formats.tfrecord import check_frame_crcs, decompress, payload_bounds, read_decompressed
 from dlpipe.loaders.remote import (
     CACHE_CHUNK,
     DEFAULT_PREFETCH_BYTES,
@@ -47,7 +47,6 @@ from dlpipe.loaders.remote import (
     READ_THREADS,
     ByteBudget,
     cached_path,
-    decompress,
     fetch_to_cache,
     read_ahead,
     read_range,
