@@ -1,21 +1,31 @@
 # Every target creates (or reuses) the virtual environment it needs: a fresh clone with only
-# Python 3.10+ is enough. torch is pinned: on these machines 2.13.0 is a local CPU build, while
-# an unpinned torch downloads several GB of CUDA libraries.
+# Python 3.10+ is enough. Installs are pinned by constraints.txt, a set of versions tested
+# together (issue 15: a fresh unpinned install segfaulted the tests). To try the newest releases:
+#   make test CONSTRAINTS= VENV=.venv-latest
+# and when that passes, record them: .venv-latest/bin/pip freeze --exclude-editable > constraints.txt
+# torch: PyPI's Linux build is the CUDA one (several GB, and its triton cannot load after
+# TensorFlow in one process). The CPU build is taken from WHEELS when that folder exists (these
+# machines keep it in /opt/wheels); elsewhere pass e.g. WHEELS=https://download.pytorch.org/whl/cpu/torch/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dlpipe-installed
 DEMO := demo-out
+CONSTRAINTS ?= constraints.txt
+WHEELS ?= /opt/wheels
+PIP_INSTALL := $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) \
+	$(if $(or $(wildcard $(WHEELS)),$(findstring ://,$(WHEELS))),--find-links $(WHEELS))
+EXTRAS := tf,torch,hf,hdf5,webdataset,s3,ray,bench,test
 
 .PHONY: venv demo test lint bench bench-reshard clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[tf,torch,hf,hdf5,webdataset,s3,ray,bench,test]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) torch
+	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # The main job end to end on a DeepCAL-like corpus it builds from real place names.

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# PyPI's CUDA build of torch brings triton, whose libtriton.so carries its own LLVM. Loaded after
+# TensorFlow (as the first torch optimizer or torch.compile after any TF test would load it), its
+# static initialisers resolve LLVM globals to TensorFlow's copy and the process dies with SIGSEGV
+# (issue 15). Loaded first, both work. `make` installs the CPU build (no triton) by default; this
+# keeps the suite usable where a CUDA build was installed. dlpipe's own benchmark never mixes the
+# two: each framework runs in a worker process of its own.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
