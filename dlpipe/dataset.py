@@ -6,8 +6,9 @@ as in HF ``datasets``); see ``dlpipe.loaders.shard_reader`` for how remote shard
 
 Follows HF ``datasets`` conventions: ``load_dataset(path, split=...)``, ``features``,
 ``num_rows``, ``shuffle(seed=..., buffer_size=...)`` and ``set_epoch`` as on
-``datasets.IterableDataset`` (shard order permuted with seed + epoch, records shuffled within
-windows of ``buffer_size``), ``to_tf_dataset`` with HF's parameter names. Framework code is
+``datasets.IterableDataset`` (small blocks of records permuted across the whole split with
+(seed, epoch), then records shuffled within a buffer of ``buffer_size``; see
+``dlpipe.loaders.common``), ``to_tf_dataset`` with HF's parameter names. Framework code is
 imported only when ``to_tf_dataset`` / ``to_torch_dataloader`` is called.
 """
 
@@ -21,12 +22,14 @@ from typing import Any
 import numpy as np
 
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import epoch_windows, window_batches
+from dlpipe.loaders.common import epoch_windows, shuffle_block_records, window_batches
 from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
 from dlpipe.loaders.shard_reader import ShardReader, read_window, read_windows
 from dlpipe.manifest import DatasetInfo, load_manifest
 
 __all__ = ["ShardDataset", "load_dataset", "read_window"]
+
+BLOCK_REQUEST_BYTES = 1 << 20  # least bytes per shuffle block where each block is a request
 
 
 class ShardDataset:
@@ -45,6 +48,7 @@ class ShardDataset:
         self.shuffle_seed: int | None = None
         self.seed_given = False
         self.buffer_size = 1000
+        self.chosen_block_records: int | None = None
         self.epoch = 0
         self.read_options = {"cache_dir": cache_dir, "prefetch_bytes": prefetch_bytes, "request_bytes": request_bytes}
         self._reader: ShardReader | None = None
@@ -80,15 +84,22 @@ class ShardDataset:
                 f"features={list(self.columns)}, format={self.info.format!r})")
 
     # -- HF-style transforms (return new objects)
-    def shuffle(self, seed: int | None = None, buffer_size: int = 1000) -> ShardDataset:
-        """Shuffle shard order per epoch (seed + epoch) and records within windows of ``buffer_size``."""
+    def shuffle(self, seed: int | None = None, buffer_size: int = 1000, *,
+                block_records: int | None = None) -> ShardDataset:
+        """Shuffle per epoch: blocks of records across the whole split with (seed, epoch), then
+        records within a buffer of ``buffer_size``. ``block_records`` (a dlpipe extension; None
+        picks it, see the ``block_records`` property) sets the records per block."""
         if buffer_size < 1:
             raise ConfigError(f"buffer_size={buffer_size}; must be >= 1")
+        if block_records is not None and (block_records < 1 or self.info.compression is not None):
+            raise ConfigError(f"block_records={block_records}; must be None or >= 1, and None for "
+                              f"{self.info.compression}-compressed shards (they are read whole)")
         out = copy.copy(self)
         # as HF: no seed draws one; loaders refuse that under several ranks, which must agree
         out.shuffle_seed = int(np.random.default_rng().integers(2**31)) if seed is None else int(seed)
         out.seed_given = seed is not None
         out.buffer_size = buffer_size
+        out.chosen_block_records = block_records
         return out
 
     def select_columns(self, columns: str | Sequence[str]) -> ShardDataset:
@@ -104,6 +115,21 @@ class ShardDataset:
             self._reader = ShardReader(self.info, self.columns, **self.read_options)
         return self._reader
 
+    @property
+    def block_records(self) -> int | None:
+        """Records per block of the global shuffle (``loaders.common.epoch_pieces``), or None
+        where shards are read whole (compressed: they cannot be read from the middle, so whole
+        shards are permuted and mixing is only as good as the shard count allows). Over object
+        storage without ``cache_dir`` each block costs a request, so blocks hold >= 1 MiB."""
+        if self.info.compression is not None:
+            return None
+        if self.chosen_block_records is not None:
+            return self.chosen_block_records
+        per_request = self.info.remote and self.reader().cache_dir is None
+        nbytes = sum(s.num_bytes for s in self.shards)
+        return shuffle_block_records(self.num_rows, min_bytes=BLOCK_REQUEST_BYTES if per_request else 0,
+                                     bytes_per_record=nbytes / max(self.num_rows, 1))
+
     def set_epoch(self, epoch: int) -> None:
         """As ``datasets.IterableDataset.set_epoch``: reshuffles with seed + epoch."""
         self.epoch = int(epoch)
@@ -113,7 +139,7 @@ class ShardDataset:
         enc = reader.encodings
         windows = epoch_windows([s.num_records for s in self.shards], batch_size=1,
                                 shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,
-                                window_batches=self.buffer_size)
+                                window_batches=self.buffer_size, block_records=self.block_records)
         for window, cols in zip(windows, read_windows(reader, self.shards, windows)):
             for rows in window_batches(window, None, batch_size=max(window.num_records, 1),
                                        shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,

@@ -8,10 +8,15 @@
   record of its batch, rounded up to ``pad_to_multiple_of``, or to the smallest bucket boundary
   that fits when length buckets are used; pad values come from the manifest; an
   ``attention_mask`` is built from the lengths; ``padding_side`` right or left.
-- **Epoch plan**: shard order is permuted per (seed, epoch); the records in that order are cut
-  into equal ranges per rank; each rank's range into batch-aligned windows; windows are dealt
-  round-robin to loader workers; inside a window records are shuffled (and grouped by length
-  bucket). Every piece is a pure function of its inputs, so a stream can be resumed exactly.
+- **Epoch plan**: the split is cut into pieces; unshuffled, a piece is a shard, in manifest
+  order. Shuffled, a piece is a *block* of ``block_records`` consecutive records of a shard and
+  the blocks of the whole split are permuted per (seed, epoch) (a global shuffle: a dataset of
+  one shard is mixed as well as one of a thousand); where shards cannot be read from the middle
+  (compressed), the pieces are whole shards, permuted. The records in piece order are cut into
+  equal ranges per rank; each rank's range into batch-aligned windows (the shuffle buffer);
+  windows are dealt round-robin to loader workers; inside a window records are shuffled (and
+  grouped by length bucket). Every piece is a pure function of its inputs, so a stream can be
+  resumed exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dlpipe.manifest import DatasetInfo
 
 MASK = "attention_mask"
 UNEVEN = ("pad", "drop")
+SHUFFLE_BLOCKS = 4096  # blocks per split a global shuffle aims for (shuffle_block_records)
+MAX_BLOCK_RECORDS = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +156,38 @@ def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> np.
     return np.random.default_rng(seed + epoch).permutation(num_shards)
 
 
+def shuffle_block_records(num_rows: int, *, min_bytes: int = 0, bytes_per_record: float = 0.0) -> int:
+    """Records per block of a global shuffle: small enough that the split has about
+    ``SHUFFLE_BLOCKS`` blocks (the yielded order's rank correlation with the source order is then
+    about 1/sqrt(blocks), ~0.016), at most ``MAX_BLOCK_RECORDS`` (reads stay runs of records,
+    decoded many blocks per call), and at least ``min_bytes`` of records where each block costs
+    a request (object storage without a cache)."""
+    records = min(MAX_BLOCK_RECORDS, max(1, -(-num_rows // SHUFFLE_BLOCKS)))
+    if min_bytes and bytes_per_record > 0:
+        records = max(records, math.ceil(min_bytes / bytes_per_record))
+    return records
+
+
+def epoch_pieces(shard_sizes: Sequence[int], *, shuffle: bool, seed: int, epoch: int,
+                 block_records: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shard position, start, stop) of each piece of the split, in the order an epoch reads them
+    (see the module docstring): shards, or with ``shuffle`` and ``block_records`` blocks of the
+    whole split permuted with (seed, epoch)."""
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    if not (shuffle and block_records):
+        order = shard_order(len(sizes), shuffle=shuffle, seed=seed, epoch=epoch)
+        return order, np.zeros(len(order), np.int64), sizes[order]
+    if block_records < 1:
+        raise ConfigError(f"block_records={block_records}; must be >= 1")
+    per_shard = -(-sizes // block_records)
+    shard = np.repeat(np.arange(len(sizes)), per_shard)
+    first = np.concatenate([[0], np.cumsum(per_shard)[:-1]]).astype(np.int64)
+    start = (np.arange(len(shard)) - np.repeat(first, per_shard)) * block_records
+    stop = np.minimum(start + block_records, sizes[shard])
+    perm = np.random.default_rng([seed, epoch]).permutation(len(shard))
+    return shard[perm], start[perm], stop[perm]
+
+
 def rank_share(total: int, world_size: int, rank: int, uneven: str = "pad") -> tuple[int, int]:
     """[lo, hi) of this rank in the epoch's record order (may pass ``total``: those wrap around).
 
@@ -177,13 +216,15 @@ def epoch_windows(
     window_batches: int = 16,
     drop_last: bool = False,
     uneven: str = "pad",
+    block_records: int | None = None,
 ) -> list[Window]:
-    """This rank's windows for one epoch (see the module docstring)."""
+    """This rank's windows for one epoch (see the module docstring). A window of blocks has its
+    ranges in shard and record order, touching ones merged, so it is read with one decode call
+    per shard; its records are permuted anyway (``window_batches``)."""
     if batch_size < 1 or window_batches < 1:
         raise ConfigError(f"batch_size={batch_size} and window_batches={window_batches} must be >= 1")
-    order = shard_order(len(shard_sizes), shuffle=shuffle, seed=seed, epoch=epoch)
-    sizes = np.asarray(shard_sizes, dtype=np.int64)[order]
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    pieces = epoch_pieces(shard_sizes, shuffle=shuffle, seed=seed, epoch=epoch, block_records=block_records)
+    bounds = np.concatenate([[0], np.cumsum(pieces[2] - pieces[1])])
     total = int(bounds[-1])
     lo, hi = rank_share(total, world_size, rank, uneven)
     count = hi - lo
@@ -193,21 +234,36 @@ def epoch_windows(
     windows = []
     for w, a in enumerate(range(0, count, window)):
         b = min(count, a + window)
-        ranges = _ranges(lo + a, lo + b, total, bounds, order)
+        ranges = _ranges(lo + a, lo + b, total, bounds, pieces)
+        if shuffle and block_records:
+            ranges = _merged(sorted(ranges))
         windows.append(Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size)))
     return windows
 
 
-def _ranges(a: int, b: int, total: int, bounds: np.ndarray, order: np.ndarray) -> list[tuple[int, int, int]]:
+def _ranges(a: int, b: int, total: int, bounds: np.ndarray,
+            pieces: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[int, int, int]]:
     """Positions [a, b) of the epoch order (wrapping past ``total``) as (shard, start, stop) runs."""
+    shards, starts, _ = pieces
     out = []
     while a < b:
         pos = a % total
         k = int(np.searchsorted(bounds, pos, side="right")) - 1
         take = min(b - a, int(bounds[k + 1]) - pos)
-        start = pos - int(bounds[k])
-        out.append((int(order[k]), start, start + take))
+        start = int(starts[k]) + pos - int(bounds[k])
+        out.append((int(shards[k]), start, start + take))
         a += take
+    return out
+
+
+def _merged(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Sorted (shard, start, stop) runs with touching neighbours joined."""
+    out: list[tuple[int, int, int]] = []
+    for s, a, b in ranges:
+        if out and out[-1][0] == s and out[-1][2] == a:
+            out[-1] = (s, out[-1][1], b)
+        else:
+            out.append((s, a, b))
     return out
 
 

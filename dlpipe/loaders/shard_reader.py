@@ -245,35 +245,53 @@ class ShardReader:
         """Records ``[start, stop)`` of ``shard``, fetched now (no read-ahead)."""
         unit = next(self.plan([shard], [(0, start, stop)]))
         data = None if self._holds(unit) else self.fetch(unit)
-        return self.decode(unit, data, start, stop)
+        return self.decode(unit, data, [(start, stop)])
 
     def _holds(self, unit: Fetch) -> bool:
         """Whether the whole remote shard ``unit`` wants is the one kept decompressed."""
         return (self.info.remote and self.cache_dir is None and unit.end is None and self._buf is not None
                 and self._buf[0] == self.info.shard_location(unit.shard).url)
 
-    def decode(self, unit: Fetch, data: Any, start: int, stop: int) -> dict[str, Ragged]:
-        """Records ``[start, stop)`` of ``unit.shard`` from ``data`` (what ``fetch`` returned)."""
+    def decode(self, unit: Fetch, data: Any, ranges: Sequence[tuple[int, int]]) -> dict[str, Ragged]:
+        """Records of ``ranges`` (``[start, stop)`` pairs of ``unit.shard``, in that order) from
+        ``data`` (what ``fetch`` returned); TFRecord ranges are decoded in one call, so a window
+        of many small shuffle blocks costs about what one run of records does."""
         buf, base, path, crc = self._bytes(unit, data)
-        with _shard_numbering(start, base):
-            frames = self._frames(unit.shard, start, stop, buf, base, path)
+        with _shard_numbering(ranges, base):
+            frames = [self._frames(unit.shard, a, b, buf, base, path) for a, b in ranges]
             if self.info.format == "webdataset":
                 from dlpipe.formats.wds import read_samples
 
-                _, cols = read_samples(buf, self.encodings, path=path, sample_offsets=frames)
-                return {n: cols[n] for n in self.encodings}
+                parts = [read_samples(buf, self.encodings, path=path, sample_offsets=f)[1] for f in frames]
+                return concat_parts([{n: p[n] for n in self.encodings} for p in parts], self.encodings)
             return self._read_tfrecord(buf, frames, path, crc=crc)
 
     def payloads(self, unit: Fetch, data: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(buffer, starts, ends) of the serialized records ``[start, stop)`` (CRCs checked as in
         ``decode``): what TFRecordDataset would yield, for tf.data over object storage."""
         buf, base, path, crc = self._bytes(unit, data)
-        with _shard_numbering(start, base):
+        with _shard_numbering([(start, stop)], base):
             frames = self._frames(unit.shard, start, stop, buf, base, path)
             if crc:
                 check_frame_crcs(buf, frames, path=path)
         starts, ends = payload_bounds(frames)
         return buf, starts, ends
+
+    def serialized(self, unit: Fetch, data: Any, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The serialized records of ``ranges`` (as in ``decode``) packed into one array:
+        (bytes, starts, ends), CRCs checked as in ``decode``."""
+        if self.info.format != "tfrecord":
+            raise ConfigError(f"{self.info.root} holds {self.info.format!r} shards, not serialized Examples")
+        buf, base, path, crc = self._bytes(unit, data)
+        with _shard_numbering(ranges, base):
+            runs = [self._frames(unit.shard, a, b, buf, base, path) for a, b in ranges]
+            if crc:
+                for f in runs:
+                    check_frame_crcs(buf, f, path=path)
+        bounds = [payload_bounds(f) for f in runs]
+        packed, offsets = gather_bytes(buf, np.concatenate([b[0] for b in bounds]),
+                                       np.concatenate([b[1] for b in bounds]))
+        return packed, offsets[:-1], offsets[1:]
 
     def _bytes(self, unit: Fetch, data: Any) -> tuple[np.ndarray, int, str, bool]:
         """(buffer, shard offset of its first byte, path or URL for errors, whether to check CRCs)."""
@@ -315,13 +333,18 @@ class ShardReader:
             self._intact.add(shard.path)
         return True
 
-    def _read_tfrecord(self, buf: np.ndarray, frames: np.ndarray, path: str, *, crc: bool) -> dict[str, Ragged]:
+    def _read_tfrecord(self, buf: np.ndarray, runs: Sequence[np.ndarray], path: str, *, crc: bool) -> dict[str, Ragged]:
+        """Decode runs of records (frame offsets of each run, n + 1 each) as one batch."""
         from dlpipe.formats.example_decode import decode_examples
 
         if crc:
-            check_frame_crcs(buf, frames, path=path)
-        starts, ends = payload_bounds(frames)
-        feats = decode_examples(buf, starts, ends, path=path, frame_offsets=frames[:-1])
+            for f in runs:
+                check_frame_crcs(buf, f, path=path)
+        bounds = [payload_bounds(f) for f in runs]
+        starts = np.concatenate([b[0] for b in bounds])
+        ends = np.concatenate([b[1] for b in bounds])
+        frames = np.concatenate([f[:-1] for f in runs])
+        feats = decode_examples(buf, starts, ends, path=path, frame_offsets=frames)
         n = len(starts)
         out = {}
         for name, enc in self.encodings.items():
@@ -335,15 +358,19 @@ class ShardReader:
 
 
 @contextlib.contextmanager
-def _shard_numbering(first_record: int, base: int) -> Iterator[None]:
+def _shard_numbering(ranges: Sequence[tuple[int, int]], base: int) -> Iterator[None]:
     """Re-raise a FormatError with its record and byte offset counted from the start of the
-    shard (decoding numbers them within the range it was given)."""
+    shard (decoding numbers them within the ranges it was given, one after another)."""
     try:
         yield
     except FormatError as e:
-        if not (first_record or base):
+        if not base and (e.record is None or (len(ranges) == 1 and ranges[0][0] == 0)):
             raise
-        record = None if e.record is None else e.record + first_record
+        record = None
+        if e.record is not None:
+            sizes = np.array([b - a for a, b in ranges])
+            k = min(int(np.searchsorted(np.cumsum(sizes), e.record, side="right")), len(ranges) - 1)
+            record = ranges[k][0] + e.record - int(sizes[:k].sum())
         offset = None if e.offset is None else e.offset + base
         raise type(e)(e.path, e.detail, offset=offset, record=record, hint=e.hint) from None
 
@@ -374,9 +401,13 @@ def read_window(reader: ShardReader, shards: Sequence[ShardInfo], window) -> dic
     return concat_parts([reader.read(shards[s], a, b) for s, a, b in window.ranges], reader.encodings)
 
 
-def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iterable) -> Iterator[dict[str, Ragged]]:
+def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iterable, *,
+                 serialized: bool = False) -> Iterator[Any]:
     """``read_window`` of each window in turn; over object storage the bytes of the windows
-    after the current one are fetched in the background, within ``reader``'s prefetch budget."""
+    after the current one are fetched in the background, within ``reader``'s prefetch budget.
+    ``serialized``: each window as its serialized records instead, (bytes, starts, ends) of
+    ``reader.serialized`` (for tf.data, which parses them itself)."""
+    part = reader.serialized if serialized else reader.decode
     windows = list(windows)
     units = reader.plan(shards, (r for w in windows for r in w.ranges))
     reader.load_indexes(shards[s] for s in dict.fromkeys(s for w in windows for s, _, _ in w.ranges))
@@ -387,16 +418,40 @@ def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iter
     try:
         unit, data, left = None, None, 0
         for window in windows:
-            parts = []
+            parts, pending = [], []  # pending: this window's ranges of the current unit
             for _, a, b in window.ranges:
                 if left == 0:
+                    if pending:
+                        parts.append(part(unit, data, pending))
+                        pending = []
                     unit, data = next(stream)
                     left = unit.ranges
-                parts.append(reader.decode(unit, data, a, b))
+                pending.append((a, b))
                 left -= 1
-            yield concat_parts(parts, reader.encodings)
+            if pending:
+                parts.append(part(unit, data, pending))
+            yield concat_serialized(parts) if serialized else concat_parts(parts, reader.encodings)
     finally:
         stream.close()
+
+
+def concat_serialized(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bytes, starts, ends) of several ``ShardReader.serialized`` results as one."""
+    if len(parts) == 1:
+        return parts[0]
+    shift = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] + k for p, k in zip(parts, shift)]),
+            np.concatenate([p[2] + k for p, k in zip(parts, shift)]))
+
+
+def gather_bytes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The byte spans ``buf[starts[i]:ends[i]]`` packed back to back (one fancy index), and the
+    n + 1 offsets of each in the result."""
+    lens = ends - starts
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    idx = np.repeat(starts - offsets[:-1], lens) + np.arange(int(offsets[-1]), dtype=np.int64)
+    return np.asarray(buf[idx]), offsets
 
 
 def concat_parts(parts: list[dict[str, Ragged]], encodings) -> dict[str, Ragged]:

@@ -243,10 +243,12 @@ def to_tf_dataset(
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of padded batches of a ``ShardDataset`` (HF names and structure).
 
-    - ``shuffle`` (or ``ds.shuffle(seed, buffer_size)``): shard order and a ``buffer_size``
-      record buffer are shuffled with ``seed + ds.epoch`` (HF's ``set_epoch`` rule); each new
-      iteration of the returned dataset (each Keras epoch) reshuffles, deterministically when
-      seeded. ``seed`` overrides ``ds``'s seed.
+    - ``shuffle`` (or ``ds.shuffle(seed, buffer_size)``): uncompressed shards are shuffled across
+      the whole split as the PyTorch loader does it (blocks of records permuted with (seed,
+      epoch), records within a ``buffer_size`` window; ``dlpipe.loaders.tf_plan``), giving the
+      same batches; each new iteration of the returned dataset (each Keras epoch) plays the next
+      epoch. Compressed shards are read front to back: shard order and a ``buffer_size`` record
+      buffer are shuffled with ``seed + ds.epoch``. ``seed`` overrides ``ds``'s seed.
     - ``collate_fn``: a graph-traceable function of the padded batch dict (plus
       ``collate_fn_args``) returning a dict; it runs inside ``Dataset.map``, not on numpy lists
       (padding is done natively, so HF's ``DataCollatorWithPadding`` is not needed).
@@ -301,32 +303,43 @@ def to_tf_dataset(
 
     shuffle = bool(shuffle or ds.shuffled)
     seed = seed if seed is not None else ds.shuffle_seed
-    seed = None if seed is None else int(seed) + ds.epoch
+    # shuffled shards that can be read from the middle follow the epoch plan (a global shuffle)
+    planned = shuffle and ds.block_records is not None
+    if planned and seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
     if deterministic is None:
         deterministic = not shuffle or seed is not None
     parallel = num_workers or tf.data.AUTOTUNE
-    files, open_file = _shard_files(ds, _COMPRESSION[info.compression])
-    data = _records(
-        files,
-        open_file,
-        shuffle=shuffle,
-        seed=seed,
-        buffer_size=ds.buffer_size,
-        cycle_length=cycle_length,
-        deterministic=deterministic,
-    )
     finish = _batch_fn(decoder, batch_size, collate_fn, collate_fn_args, features, labels)
-    if batch_size is None:
-        data = data.rebatch(_CHUNK).map(
-            finish, num_parallel_calls=parallel, deterministic=deterministic
+    if planned:  # elements are whole batches already (of _CHUNK records when unbatched)
+        from dlpipe.loaders.tf_plan import planned_batches
+
+        files = []
+        data = planned_batches(ds, batch_size or _CHUNK, seed=int(seed),
+                               drop_remainder=drop_remainder and batch_size is not None)
+    else:
+        seed = None if seed is None else int(seed) + ds.epoch
+        files, open_file = _shard_files(ds, _COMPRESSION[info.compression])
+        data = _records(
+            files,
+            open_file,
+            shuffle=shuffle,
+            seed=seed,
+            buffer_size=ds.buffer_size,
+            cycle_length=cycle_length,
+            deterministic=deterministic,
         )
+    if batch_size is None:
+        if not planned:
+            data = data.rebatch(_CHUNK)
+        data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
         data = data.unbatch()
     else:
         if boundaries is not None:
             data = _group_by_bucket(
                 data.unbatch(), decoder, boundaries, batch_size, drop_remainder, parallel, deterministic
             )
-        else:
+        elif not planned:
             data = data.rebatch(batch_size, drop_remainder=drop_remainder)
         data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
 

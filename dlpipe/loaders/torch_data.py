@@ -22,7 +22,8 @@ of the epoch to fill the last ranks' shares; ``uneven="drop"`` skips the last
 
 **Epochs** follow the HF / ``DistributedSampler`` convention: iterating the loader again replays
 the same epoch until you call ``loader.set_epoch(n)``; shuffled data is then reordered with
-``seed + n`` (shard order) and ``(seed, n, rank, window)`` (records). The epoch is held in shared
+``(seed, n)`` (blocks of records across the whole split, ``common.epoch_pieces``) and
+``(seed, n, rank, window)`` (records within a window). The epoch is held in shared
 memory, so ``set_epoch`` also reaches ``persistent_workers``.
 
 **Checkpoints.** ``DlpipeDataLoader.state_dict()`` = ``{"epoch", "batches_yielded", ...}``; after
@@ -162,6 +163,7 @@ class ShardIterableDataset(IterableDataset):
         self.window_batches = max(1, math.ceil(source.buffer_size / batch_size))
         if self.boundaries is not None:  # grouping by length needs many batches to choose from
             self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
+        self.block_records = source.block_records if source.shuffled else None
         self._epoch = torch.tensor(int(source.epoch), dtype=torch.int64).share_memory_()
         self._reader = source.reader()
         self._resume: dict[str, int] | None = None
@@ -221,6 +223,7 @@ class ShardIterableDataset(IterableDataset):
             "shuffle": self.shuffle,
             "seed": self.seed,
             "buffer_size": self.source.buffer_size,
+            "block_records": self.block_records,
             "world_size": self.world_size,
             "rank": self.rank,
             "uneven": self.uneven,
@@ -239,6 +242,7 @@ class ShardIterableDataset(IterableDataset):
             window_batches=self.window_batches,
             drop_last=self.drop_last,
             uneven=self.uneven,
+            block_records=self.block_records,
         )
 
     def __len__(self) -> int:

@@ -27,7 +27,7 @@ from dlpipe.errors import ConfigError, DlpipeError
 torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import DataLoader  # noqa: E402
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: shuffled epochs permute blocks across the split (block_records)
 # settings that shape the epoch plan: a checkpoint only resumes under the same ones
 PLAN_KEYS = (
     "batch_size",
@@ -35,6 +35,7 @@ PLAN_KEYS = (
     "shuffle",
     "seed",
     "buffer_size",
+    "block_records",
     "world_size",
     "rank",
     "uneven",
