@@ -8,9 +8,11 @@ process pinned to its CPU share; each returns ``FrameworkResult``s. How each num
   (file i belongs to rank i % world_size); each pipeline is iterated once untimed (page cache,
   ``cache()`` filled) and then ``repeats`` times, the median pass kept. ``read``:
   ``TFRecordDataset`` unparsed (records grouped into batches of serialized strings so Python
-  sees one element per batch); ``parse``: ``tf.io.parse_example`` + decode to ragged columns on
-  cached batches of serialized records; ``shuffle``: ``shuffle(1000)`` over cached serialized
-  records (then grouped into batches); ``batch``: ``padded_batch`` (padding to the batch's
+  sees one element per batch), or for shuffled uncompressed shards the loader's read through the
+  epoch plan (``loaders.tf_plan``); ``parse``: ``tf.io.parse_example`` + decode to ragged columns
+  on cached batches of serialized records; ``shuffle``: the plan's permutation and gather of
+  serialized records on windows read beforehand (compressed shards: ``shuffle(1000)`` over
+  cached serialized records, then grouped into batches); ``batch``: ``padded_batch`` (padding to the batch's
   longest record, the padding rule, with the mask) over cached parsed records; ``h2d``: prepared
   batches copied to the GPU (``tf.identity`` under ``tf.device``, synchronized by reading back a
   scalar), on CPU a ``DeepCopy`` (no transfer exists); ``step``: the model alone on one batch.
@@ -26,6 +28,7 @@ process pinned to its CPU share; each returns ``FrameworkResult``s. How each num
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -41,6 +44,7 @@ import numpy as np
 
 from dlpipe._deps import require
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.drive import time_units
 from dlpipe.benchmark.ledger import StageMeasurement
 from dlpipe.benchmark.utilization import parse_model_spec
 from dlpipe.errors import ConfigError, DlpipeError
@@ -336,8 +340,17 @@ def _dlpipe_stages(
         lambda f: tf.data.TFRecordDataset(f, compression_type=comp).batch(_BLOCK),
         cycle_length=min(len(files), 16), num_parallel_calls=auto, deterministic=True,
     )  # fmt: skip
-    stages = [_time_dataset("read", blocks.rebatch(bs).take(-(-n // bs)), reps)]
     records = blocks.unbatch().take(n)  # the later stages start from these records, cached
+    shuffled = _planned(cfg)  # the loader's shuffled read (loaders.tf_plan), when it takes that path
+    if shuffled is None:
+        stages = [_time_dataset("read", blocks.rebatch(bs).take(-(-n // bs)), reps)]
+    else:
+        stages = [_time_dataset("read", shuffled.take(-(-n // bs)), reps)]
+        notes.append("read: shuffled uncompressed shards are read as to_tf_dataset reads them, through the "
+                     "epoch plan (dlpipe's reader gathers each batch's serialized records from blocks permuted "
+                     "across the split; one generator element per ~8k records, cut with tf.strings.substr), "
+                     "which includes the shuffle; shuffle: the plan's permutation and gather alone, on "
+                     "windows read beforehand")  # fmt: skip
     plain = _time_dataset(
         "read", tf.data.TFRecordDataset(files, compression_type=comp).take(n).batch(bs), 1
     )
@@ -354,11 +367,10 @@ def _dlpipe_stages(
     stages.append(
         _time_dataset("parse", serialized.map(decoder.ragged, num_parallel_calls=auto), reps)
     )
-    stages.append(
-        _time_dataset(
-            "shuffle", records.cache().shuffle(SHUFFLE_BUFFER, seed=cfg.seed).batch(bs), reps
-        )
-    )
+    if shuffled is None:
+        stages.append(_time_dataset("shuffle", records.cache().shuffle(SHUFFLE_BUFFER, seed=cfg.seed).batch(bs), reps))
+    else:
+        stages.append(_plan_shuffle_stage(cfg, n, reps))
 
     pad = info.pad_values.get(FEATURE, 0)
 
@@ -380,6 +392,49 @@ def _dlpipe_stages(
     if model.fn is not None:
         stages.append(_time_step("step", model, _on_device(prepared[:STEP_BATCHES], device), cfg))
     return stages
+
+
+def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement:
+    """The shuffled loader's own shuffle work: each window's record permutation and the gather
+    of its batches' serialized records (windows read beforehand)."""
+    import dlpipe
+    from dlpipe.loaders.common import epoch_windows, window_batches
+    from dlpipe.loaders.shard_reader import gather_bytes, read_windows
+
+    ds = dlpipe.load_dataset(cfg.data, cfg.split)
+    if cfg.world_size > 1:
+        ds = _shard_files(ds, cfg.world_size, cfg.rank)
+    windows = epoch_windows([s.num_records for s in ds.shards], batch_size=cfg.batch_size, shuffle=True,
+                            seed=cfg.seed, window_batches=max(1, -(-ds.buffer_size // cfg.batch_size)),
+                            block_records=ds.block_records)  # fmt: skip
+    todo, total = [], 0
+    for w in windows:
+        if total >= n:
+            break
+        todo.append(w)
+        total += w.num_records
+    read = list(read_windows(ds.reader(), ds.shards, todo, serialized=True))
+
+    def shuffle(w, buf, starts, ends) -> None:
+        for rows in window_batches(w, None, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0, rank=0):
+            gather_bytes(buf, starts[rows], ends[rows])
+
+    units = [(functools.partial(shuffle, w, *r), w.num_records, w.num_batches) for w, r in zip(todo, read)]
+    return time_units("shuffle", units, reps)
+
+
+def _planned(cfg: BenchConfig):
+    """Serialized batches of this rank's shards as the shuffled loader reads them (the epoch plan,
+    ``loaders.tf_plan``), or None where ``to_tf_dataset`` reads files front to back instead."""
+    import dlpipe
+    from dlpipe.loaders.tf_plan import planned_batches
+
+    ds = dlpipe.load_dataset(cfg.data, cfg.split)
+    if ds.block_records is None:
+        return None
+    if cfg.world_size > 1:
+        ds = _shard_files(ds, cfg.world_size, cfg.rank)
+    return planned_batches(ds, cfg.batch_size, seed=cfg.seed, drop_remainder=False)
 
 
 def _dlpipe_dataset(cfg: BenchConfig, *, batch_size: int | None = None, world_size: int | None = None,

@@ -41,6 +41,7 @@ import numpy as np
 
 from dlpipe._deps import require
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.drive import time_units
 from dlpipe.benchmark.ledger import StageMeasurement
 from dlpipe.benchmark.utilization import parse_model_spec
 from dlpipe.errors import ConfigError
@@ -212,29 +213,6 @@ def _drive(make_stream: Callable[[int], _Stream], model: _Model, cfg: BenchConfi
     return out
 
 
-def _time_units(
-    name: str, units: Sequence[tuple[Callable[[], Any], int, int]], repeats: int, warm: bool = True
-) -> StageMeasurement:
-    """Run every (fn, records, batches) unit ``repeats`` times (after one untimed pass when
-    ``warm``); keep the median pass, its per-batch latencies spread over each unit's batches."""
-    if warm:
-        for fn, _, _ in units:
-            fn()
-    passes = []
-    for _ in range(max(1, repeats)):
-        total, lat = 0.0, []
-        for fn, _, nb in units:
-            t = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t
-            total += dt
-            lat += [dt / nb] * nb
-        passes.append((total, lat))
-    passes.sort(key=lambda p: p[0])
-    total, lat = passes[len(passes) // 2]
-    return StageMeasurement(name, sum(u[1] for u in units), max(total, 1e-9), lat)
-
-
 def _time_step(
     model: _Model, batches: Sequence[dict], steps: int, *, widths: int = 8
 ) -> StageMeasurement:
@@ -267,17 +245,17 @@ def _time_h2d(batches: list[dict], device, repeats: int, notes: list[str]) -> St
             for b, (n, k) in zip(batches, records)
         ]
         notes.append("h2d: cpu: no transfer; timed as a clone() of each batch (a memcpy)")
-        return _time_units("h2d", units, repeats)
+        return time_units("h2d", units, repeats)
 
     def copy(b: dict) -> None:
         _to(b, device)
         _sync(device)
 
     pinned = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-    stage = _time_units(
+    stage = time_units(
         "h2d", [(functools.partial(copy, b), n, k) for b, (n, k) in zip(pinned, records)], repeats
     )
-    pageable = _time_units(
+    pageable = time_units(
         "h2d", [(functools.partial(copy, b), n, k) for b, (n, k) in zip(batches, records)], repeats
     )
     notes.append(
@@ -333,7 +311,7 @@ def _dlpipe_stages(
             np.fromfile(path, dtype=np.uint8, count=count, offset=off)
 
     stages = [
-        _time_units(
+        time_units(
             "read",
             [
                 (functools.partial(read, p), w.num_records, w.num_batches)
@@ -349,7 +327,7 @@ def _dlpipe_stages(
     )
 
     stages.append(
-        _time_units(
+        time_units(
             "parse",
             [
                 (functools.partial(read_window, reader, shards, w), w.num_records, w.num_batches)
@@ -369,7 +347,7 @@ def _dlpipe_stages(
                 take_rows(c[n], rows)
 
     stages.append(
-        _time_units(
+        time_units(
             "shuffle",
             [
                 (functools.partial(shuffle, w, c), w.num_records, w.num_batches)
@@ -385,7 +363,7 @@ def _dlpipe_stages(
     ]
     pad = info.pad_values
     stages.append(
-        _time_units(
+        time_units(
             "batch",
             [(functools.partial(collate, p, enc, pad), len(rows), 1) for rows, p in taken],
             reps,
@@ -618,7 +596,7 @@ def measure_baselines(cfg: BenchConfig) -> list[FrameworkResult]:
     n = min(cfg.steps, max(1, len(data) // cfg.batch_size))
     index = [rng.choice(len(data), cfg.batch_size, replace=False) for _ in range(n)]
     stages = [
-        _time_units(
+        time_units(
             "read",
             [
                 (functools.partial(lambda ix: [data[int(i)] for i in ix], ix), len(ix), 1)
@@ -629,7 +607,7 @@ def measure_baselines(cfg: BenchConfig) -> list[FrameworkResult]:
     ]
     rows = [[data[int(i)] for i in ix] for ix in index]
     stages.append(
-        _time_units(
+        time_units(
             "batch", [(functools.partial(default_collate, r), len(r), 1) for r in rows], cfg.repeats
         )
     )
