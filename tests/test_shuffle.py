@@ -60,6 +60,12 @@ def test_block_windows_split_exactly_once_across_ranks(sizes, block, batch, worl
             assert list(w.ranges) == sorted(w.ranges)  # read in file order, one call per shard
             got += [(s, r) for s, a, b in w.ranges for r in range(a, b)]
     assert len(got) == len(set(got)) == total // world * world
+    padded = [(s, r) for rank in range(world)
+              for w in epoch_windows(sizes, batch_size=batch, world_size=world, rank=rank, shuffle=True, seed=1,
+                                     window_batches=2, uneven="pad", block_records=block)
+              for s, a, b in w.ranges for r in range(a, b)]
+    assert set(padded) == {(s, r) for s, n in enumerate(sizes) for r in range(n)}  # wraps to fill
+    assert len(padded) == -(-total // world) * world
 
 
 def test_block_size_aims_at_thousands_of_blocks():

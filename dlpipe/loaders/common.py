@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -223,9 +224,10 @@ def epoch_windows(
     per shard; its records are permuted anyway (``window_batches``)."""
     if batch_size < 1 or window_batches < 1:
         raise ConfigError(f"batch_size={batch_size} and window_batches={window_batches} must be >= 1")
-    pieces = epoch_pieces(shard_sizes, shuffle=shuffle, seed=seed, epoch=epoch, block_records=block_records)
-    bounds = np.concatenate([[0], np.cumsum(pieces[2] - pieces[1])])
-    total = int(bounds[-1])
+    arrays = epoch_pieces(shard_sizes, shuffle=shuffle, seed=seed, epoch=epoch, block_records=block_records)
+    bounds = [0, *np.cumsum(arrays[2] - arrays[1]).tolist()]
+    pieces = tuple(x.tolist() for x in arrays)
+    total = bounds[-1]
     lo, hi = rank_share(total, world_size, rank, uneven)
     count = hi - lo
     if drop_last:
@@ -241,18 +243,21 @@ def epoch_windows(
     return windows
 
 
-def _ranges(a: int, b: int, total: int, bounds: np.ndarray,
-            pieces: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[int, int, int]]:
+def _ranges(a: int, b: int, total: int, bounds: list[int],
+            pieces: tuple[list[int], list[int], list[int]]) -> list[tuple[int, int, int]]:
     """Positions [a, b) of the epoch order (wrapping past ``total``) as (shard, start, stop) runs."""
     shards, starts, _ = pieces
     out = []
+    k = -1
     while a < b:
         pos = a % total
-        k = int(np.searchsorted(bounds, pos, side="right")) - 1
-        take = min(b - a, int(bounds[k + 1]) - pos)
-        start = int(starts[k]) + pos - int(bounds[k])
-        out.append((int(shards[k]), start, start + take))
+        if not 0 <= k < len(bounds) - 1 or not bounds[k] <= pos < bounds[k + 1]:  # walked in order: search rarely
+            k = bisect.bisect_right(bounds, pos) - 1
+        take = min(b - a, bounds[k + 1] - pos)
+        start = starts[k] + pos - bounds[k]
+        out.append((shards[k], start, start + take))
         a += take
+        k += 1
     return out
 
 
