@@ -15,10 +15,10 @@ from typing import Any
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import FormatError
+from dlpipe.manifest_schema import SCHEMA_VERSION, check_manifest
 from dlpipe.storage import Location
 
 MANIFEST = "dataset_info.json"
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,10 @@ def load_manifest(root: str | os.PathLike[str] | Location, storage_options: Mapp
                           hint="check the path and, for a URL, its --storage-option credentials") from None
     try:
         raw = json.loads(data)
+    except ValueError as e:
+        raise FormatError(str(path), f"the manifest is not JSON ({e})", hint="re-create it with dlpipe reshard") from None
+    check_manifest(raw, str(path), local_root=None if location.remote else root)
+    try:
         d = raw["dlpipe"]
         columns = {n: ColumnEncoding.from_json(n, c) for n, c in d["columns"].items()}
         shards = [ShardInfo(**s) for s in d["shards"]]

@@ -12,7 +12,7 @@ from dlpipe.formats.example_encode import FeaturePayload, example_pieces, int64_
 from dlpipe.formats.tfrecord import frame_pieces
 
 FORMATS = ("tfrecord", "webdataset")
-_COMPRESSIONS = {"tfrecord": (None, "gzip", "zlib"), "webdataset": (None, "gzip")}
+COMPRESSIONS = {"tfrecord": (None, "gzip", "zlib"), "webdataset": (None, "gzip")}
 _SUFFIX = {
     ("tfrecord", None): ".tfrecord",
     ("tfrecord", "gzip"): ".tfrecord.gz",
@@ -33,8 +33,8 @@ def resolve_compression(fmt: str, compression: str | None) -> str | None:
 def check_format(fmt: str, compression: str | None) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}; use one of {', '.join(FORMATS)}")
-    if compression not in _COMPRESSIONS[fmt]:
-        valid = ", ".join("none" if c is None else c for c in _COMPRESSIONS[fmt])
+    if compression not in COMPRESSIONS[fmt]:
+        valid = ", ".join("none" if c is None else c for c in COMPRESSIONS[fmt])
         raise ConfigError(f"compression={compression!r} is not valid for {fmt}; use one of {valid}")
 
 

@@ -142,12 +142,17 @@ class _ZlibWriter(io.RawIOBase):
 
 def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> np.ndarray:
     """The whole (decompressed) record stream of a file; a memory map when uncompressed."""
-    if compression is None:
-        if os.path.getsize(path) == 0:
-            return np.empty(0, dtype=np.uint8)
-        return np.memmap(path, dtype=np.uint8, mode="r")
-    with open(path, "rb") as f:
-        return decompress(f.read(), compression, os.fspath(path))
+    try:
+        if compression is None:
+            if os.path.getsize(path) == 0:
+                return np.empty(0, dtype=np.uint8)
+            return np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise FormatError(path, f"cannot read the shard ({e.strerror or e})",
+                          hint="it is missing or unreadable; run dlpipe verify, or rerun dlpipe reshard") from None
+    return decompress(data, compression, os.fspath(path))
 
 
 def decompress(data: bytes | memoryview, compression: str, path: str) -> np.ndarray:
