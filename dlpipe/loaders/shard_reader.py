@@ -254,6 +254,18 @@ class ShardReader:
             return list(pool.map(lambda s: fetch_to_cache(self.info.shard_location(s), s, self.cache_dir,
                                                           self.budget), shards))
 
+    def check_file(self, shard: ShardInfo, path: str) -> None:
+        """Raise a FormatError naming ``path`` (and the bad record, where CRCs can tell) unless
+        the local file is the shard the manifest describes; hashed once per process."""
+        if not os.path.isfile(path):
+            raise FormatError(path, "shard file is missing", hint="run dlpipe verify, or rerun dlpipe reshard")
+        if self._verified(shard, path):
+            return
+        unit = Fetch(shard)
+        self.decode(unit, path, [(0, shard.num_records)])  # CRCs locate the bad record
+        raise FormatError(path, "differs from the SHA-256 in the manifest (every record's CRC matches)",
+                          hint="run dlpipe verify; rerun dlpipe reshard if the shard or manifest was changed")
+
     # -- decoding (the caller's thread)
 
     def read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:

@@ -25,10 +25,11 @@ A dataset in object storage (``load_dataset("s3://...", storage_options=..., cac
 is read through local cached copies or, without ``cache_dir``, through dlpipe's range reader
 feeding the same graph; ``dlpipe.loaders.tf_remote`` says how and why.
 
-Errors while iterating local files are TensorFlow's: a corrupt uncompressed shard raises
-``DataLossError: corrupted record at <byte offset>``, a corrupt gzip/zlib one ``DataLossError:
-inflate() failed with error -3: incorrect data check``. Neither names the file; ``dlpipe
-verify`` does (over object storage, dlpipe's reader raises its FormatError naming the URL).
+A corrupt local shard is found before TensorFlow reads it: each file is checked once per
+process against the manifest's SHA-256 (dlpipe's reader does the same on the shuffled path), and
+a mismatch raises dlpipe's FormatError naming the shard and, where record CRCs can tell, the
+record and byte offset. It reaches the caller inside TensorFlow's error (``InvalidArgumentError``
+or ``UnknownError`` from the per-file check), whose message carries the FormatError's text.
 """
 
 from __future__ import annotations
@@ -365,9 +366,21 @@ def _shard_files(ds: Any, compression: str) -> tuple[list[str], Callable[[tf.Ten
 
         files = [info.shard_location(s).url for s in ds.shards]
         return files, remote_blocks(ds.reader(), ds.shards, _BLOCK)
-    files = ds.reader().cache_shards(ds.shards)
+    reader = ds.reader()
+    files = reader.cache_shards(ds.shards)
+    by_path = dict(zip(files, ds.shards))
+
+    def check(path: bytes) -> bool:
+        reader.check_file(by_path[path.decode()], path.decode())
+        return True
 
     def open_file(f: tf.Tensor) -> tf.data.Dataset:
+        # the shard is checked against its manifest SHA-256 (once per process) before TensorFlow
+        # reads it, so corruption is a FormatError naming the shard and record, not TensorFlow's
+        # DataLossError, which names neither; one Python call per file, none per record
+        ok = tf.numpy_function(check, [f], tf.bool, stateful=True)
+        with tf.control_dependencies([ok]):
+            f = tf.identity(f)
         return tf.data.TFRecordDataset(f, compression_type=compression).batch(_BLOCK)
 
     return files, open_file
