@@ -102,6 +102,15 @@ class ShardDataset:
         out.chosen_block_records = block_records
         return out
 
+    def with_shuffle(self, shuffle: bool = False, seed: int | None = None) -> ShardDataset:
+        """What a loader's ``shuffle``/``seed`` arguments make of this dataset, one rule for
+        every front end: shuffled if ``shuffle`` or already shuffled; ``seed`` replaces the
+        seed; an unseeded shuffle draws a random one (as HF and PyTorch do), kept in
+        ``shuffle_seed`` so a checkpoint can resume it."""
+        if not (shuffle or self.shuffled) or (seed is None and self.shuffled):
+            return self
+        return self.shuffle(seed, self.buffer_size, block_records=self.chosen_block_records)
+
     def select_columns(self, columns: str | Sequence[str]) -> ShardDataset:
         out = copy.copy(self)
         out.columns = [columns] if isinstance(columns, str) else list(columns)

@@ -257,7 +257,8 @@ def to_tf_dataset(
       read at once (default min(shards, 16)).
     - ``bucket_boundaries`` (a sorted list, or ``"auto"`` for ``common.default_boundaries``):
       records are grouped by length bucket and each batch is padded to its bucket's boundary.
-    - ``deterministic``: None keeps order reproducible unless ``shuffle`` has no seed.
+    - ``deterministic``: None keeps the order reproducible (an unseeded shuffle draws its seed
+      once, as in the PyTorch loader).
     """
     info = ds.info
     if info.format != "tfrecord":
@@ -302,14 +303,12 @@ def to_tf_dataset(
         return_attention_mask=return_attention_mask and mask_used,
     )
 
-    shuffle = bool(shuffle or ds.shuffled)
-    seed = seed if seed is not None else ds.shuffle_seed
+    ds = ds.with_shuffle(shuffle, seed)  # the PyTorch loader's rule: unseeded = a random seed
+    shuffle, seed = ds.shuffled, ds.shuffle_seed
     # shuffled shards that can be read from the middle follow the epoch plan (a global shuffle)
     planned = shuffle and ds.block_records is not None
-    if planned and seed is None:
-        seed = int(np.random.default_rng().integers(2**31))
     if deterministic is None:
-        deterministic = not shuffle or seed is not None
+        deterministic = True
     parallel = num_workers or tf.data.AUTOTUNE
     finish = _batch_fn(decoder, batch_size, collate_fn, collate_fn_args, features, labels)
     if planned:  # elements are whole batches already (of _CHUNK records when unbatched)

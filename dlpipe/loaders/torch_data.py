@@ -402,8 +402,9 @@ def to_torch_dataloader(
 ):
     """A DataLoader of padded batches of ``ds`` (see the module docstring).
 
-    ``shuffle=True`` on a dataset not yet ``ds.shuffle(...)``-d shuffles it with ``seed`` (0 when
-    None); a shuffled ``ds`` is shuffled either way, and ``seed`` then replaces its seed.
+    ``shuffle=True`` on a dataset not yet ``ds.shuffle(...)``-d shuffles it with ``seed`` (a
+    random one when None, recorded in ``state_dict``); a shuffled ``ds`` is shuffled either way,
+    and ``seed`` then replaces its seed (``ShardDataset.with_shuffle``, shared with tf.data).
     ``bucket_boundaries``: lengths, or ``"auto"`` for ``default_boundaries`` of the first variable
     column; each batch is padded to the smallest boundary that fits (records are grouped by
     bucket within a window). Returns a ``DlpipeDataLoader``, or with ``stateful=True`` a
@@ -419,10 +420,7 @@ def to_torch_dataloader(
             f"(got num_workers=0, prefetch_factor={prefetch_factor}, "
             f"persistent_workers={persistent_workers})"
         )
-    if seed is not None and (shuffle or ds.shuffled):
-        ds = ds.shuffle(seed=seed, buffer_size=ds.buffer_size)
-    elif shuffle and not ds.shuffled:
-        ds = ds.shuffle(seed=0, buffer_size=ds.buffer_size)
+    ds = ds.with_shuffle(shuffle, seed)
     dataset = ShardIterableDataset(
         ds,
         batch_size=batch_size,
