@@ -48,3 +48,13 @@ bench-reshard: venv
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .hypothesis
+
+# Shuffle quality (rank correlation, displacement, exactly-once) beside samples/s for dlpipe's
+# loaders and their peers (litdata, grain), issue 16. litdata requires torchvision but imports it
+# only for images and video; PyPI's torchvision is a CUDA build that cannot load beside the CPU
+# torch, so a torchvision that does not import is removed again.
+.PHONY: bench-shuffle
+bench-shuffle: venv
+	$(PY) -c 'import litdata, grain' 2>/dev/null || { $(PIP_INSTALL) -e '.[peers]' && \
+		{ $(PY) -c 'import torchvision' 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision; }; }
+	$(PY) bench/shuffle_bench.py
