@@ -368,7 +368,11 @@ def one_epoch(make: Callable[[], Iterable[Any]], ids_of: Callable[[Any], Any]) -
 
 
 def shuffle_quality(order: np.ndarray, n: int) -> dict[str, Any]:
-    """Spearman r (yield position vs record_id), mean displacement / N, runs, exactly-once."""
+    """Spearman r (yield position vs record_id), mean displacement / N, runs, exactly-once.
+
+    The same figures as ``dlpipe.loaders.shuffle_quality.order_quality``, computed here on
+    purpose: the yardstick must not come from the code it measures (``--dlpipe-src`` runs
+    checkouts that lack it)."""
     m = len(order)
     in_range = bool(m == 0 or (order.min() >= 0 and order.max() < n))
     counts = np.bincount(order, minlength=n) if in_range and m else np.zeros(n, np.int64)

@@ -131,3 +131,28 @@ def test_an_unseeded_shuffle_differs_per_run_in_both_frameworks(one_shard):
     seeded = [np.concatenate([_ids([b]) for b in make(batch_size=500, shuffle=True, seed=9)])
               for make in (ds.to_torch_dataloader, ds.to_tf_dataset)]
     assert seeded[0].tolist() == seeded[1].tolist()
+
+
+def test_plan_order_is_what_the_loaders_yield(one_shard):
+    from dlpipe.loaders.shuffle_quality import order_quality, plan_order
+
+    pytest.importorskip("torch")
+    ds = dlpipe.load_dataset(one_shard).shuffle(seed=3, buffer_size=700)
+    order = plan_order(ds, 128)
+    assert order.tolist() == _ids(list(ds.to_torch_dataloader(batch_size=128))).tolist()
+    q = order_quality(order, N)
+    assert q["exactly_once"] and abs(q["rank_correlation"]) <= 0.05 and q["mean_displacement"] > 0.25
+    assert order_quality(np.arange(N), N)["rank_correlation"] == pytest.approx(1.0)
+    assert not order_quality(np.zeros(N, np.int64), N)["exactly_once"]
+
+
+def test_dlpipe_bench_reports_the_shuffle_it_trains_on(one_shard):
+    from dlpipe.benchmark.report import render_report
+    from dlpipe.benchmark.results import make_results
+    from dlpipe.benchmark.runner import _shuffle_quality
+
+    q = _shuffle_quality(str(one_shard), 256)
+    assert q["exactly_once"] and abs(q["rank_correlation"]) <= 0.05 and q["block_records"] == 5
+    results = make_results(machine={}, ceilings={}, config={}, runs=[], shuffle=q)
+    text = render_report(results)
+    assert "## Shuffle quality" in text and f"{q['rank_correlation']:+.3f}" in text

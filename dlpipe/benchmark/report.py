@@ -137,6 +137,17 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"| {'yes' if p['within'] else 'NO'} |"
             )
 
+    shuffle = results.get("shuffle")
+    if shuffle:
+        out += ["", "## Shuffle quality", "",
+                f"The shuffled order both loaders train on (seed {shuffle['seed']}; the same epoch plan in "
+                "TF and PyTorch), against the file order: rank correlation "
+                f"{shuffle['rank_correlation']:+.3f} (1 = file order, ~0 = mixed), mean displacement "
+                f"{shuffle['mean_displacement']:.3f} of the split (~0.333 for a uniform shuffle), every record "
+                f"{'once' if shuffle['exactly_once'] else 'NOT exactly once'}; blocks of "
+                f"{shuffle['block_records'] or 'whole shards'} records permuted across "
+                f"{shuffle['records']:,} records, then a {shuffle['buffer_size']}-record buffer."]  # fmt: skip
+
     if results["speedups"]:
         out += ["", "## Baseline vs optimized", "",
                 "| framework | setting | baseline | baseline samples/s | dlpipe samples/s | speedup |",

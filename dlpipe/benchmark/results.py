@@ -189,6 +189,7 @@ def make_results(
     runs: Sequence[Mapping[str, Any]],
     targets: Sequence[Mapping[str, Any]] = (),
     created: str | None = None,
+    shuffle: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole ``results.json`` dict, parity and speedups derived from ``runs``; validated.
 
@@ -210,6 +211,8 @@ def make_results(
         "speedups": _speedups(runs),
         "targets": _plain(targets),
     }
+    if shuffle is not None:
+        results["shuffle"] = _plain(shuffle)
     validate(results)
     return results
 

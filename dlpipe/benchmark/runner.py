@@ -199,7 +199,8 @@ def run_bench(
     config = {"data": data_dir, "source": source, "frameworks": list(frameworks), "cpu_procs": list(cpu_procs),
               "gpus": gpu_ids, "batch_size": batch_size, "steps": steps, "repeats": repeats, "model": model,
               "num_workers": num_workers, "profile": profile}
-    results = make_results(machine=machine, ceilings=ceilings, config=config, runs=runs, targets=targets)
+    results = make_results(machine=machine, ceilings=ceilings, config=config, runs=runs, targets=targets,
+                           shuffle=_shuffle_quality(data_dir, batch_size))
     best = next((p for p in results["parity"] if p.get("setting") == "best"), None)
     if best is not None:
         results["targets"].append(make_target("TF/PyTorch parity at the best setting of each", best["ratio"],
@@ -208,6 +209,18 @@ def run_bench(
     (out / "report.md").write_text(render_report(results))
     write_plots(results, out)
     return results
+
+
+def _shuffle_quality(data_dir: str, batch_size: int) -> dict[str, Any]:
+    """The shuffled order the loaders train on, from the epoch plan both follow (seed 0, as the
+    measurers use): how far it is from the file order."""
+    import dlpipe
+    from dlpipe.loaders.shuffle_quality import order_quality, plan_order
+
+    ds = dlpipe.load_dataset(data_dir, "train").shuffle(seed=0)
+    return {**order_quality(plan_order(ds, batch_size), ds.num_rows), "records": ds.num_rows,
+            "block_records": ds.block_records, "buffer_size": ds.buffer_size, "batch_size": batch_size,
+            "seed": 0}
 
 
 def _gpu_ids(gpus: str, machine: dict) -> list[int]:
