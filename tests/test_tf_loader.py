@@ -4,8 +4,8 @@ MirroredStrategy, corrupt shards. CPU only."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
