@@ -16,11 +16,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dlpipe.errors import ConfigError, FormatError
+from dlpipe.formats.protowire import RecordErrors, varints_at
 
 __all__ = ["DecodedFeature", "decode_examples"]
 
 _KINDS = {1: "bytes", 2: "float", 3: "int64"}
-_HINT = "the record is not a valid serialized tf.train.Example (corrupt, or another message type)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,18 +57,6 @@ class DecodedFeature:
         return self.values, self.value_splits
 
 
-class _Where:
-    """Turns a failing record (or the first of several) into a FormatError."""
-
-    def __init__(self, path, offsets: np.ndarray) -> None:
-        self.path = path
-        self.offsets = offsets
-
-    def fail(self, recs, message: str, hint: str = _HINT):
-        i = int(np.min(recs))
-        raise FormatError(self.path, message, offset=int(self.offsets[i]), record=i, hint=hint)
-
-
 def decode_examples(
     buf: np.ndarray | bytes,
     starts: np.ndarray,
@@ -98,7 +86,7 @@ def decode_examples(
     if n and (starts.min() < 0 or ends.max() > len(buf) or np.any(ends < starts)):
         raise ConfigError(f"record spans must satisfy 0 <= start <= end <= len(buf) = {len(buf)}")
     where = starts if frame_offsets is None else np.asarray(frame_offsets, dtype=np.int64)[:n]
-    w = _Where(path, where)
+    w = RecordErrors(path, where)
     first = buf[starts[0] : ends[0]].tobytes() if n else b""
     from dlpipe.formats.example_layout import follow_plan, same_bytes
     from dlpipe.formats.example_layout import plan as layout_plan
@@ -225,7 +213,7 @@ def _walk(buf, start, stop, rec, w):
     rounds = []
     while len(idx):
         p, e, r = pos[idx], stop[idx], rec[idx]
-        tag, p = _varints_at(buf, p, e, r, w)
+        tag, p = varints_at(buf, p, e, r, w)
         field = (tag >> np.uint64(3)).astype(np.int64)
         wire = (tag & np.uint64(7)).astype(np.int64)
         if np.any(field == 0):
@@ -235,10 +223,10 @@ def _walk(buf, start, stop, rec, w):
             vstop[wire == wt] += size
         v0 = np.flatnonzero(wire == 0)
         if len(v0):
-            vstop[v0] = _varints_at(buf, p[v0], e[v0], r[v0], w)[1]
+            vstop[v0] = varints_at(buf, p[v0], e[v0], r[v0], w)[1]
         v2 = np.flatnonzero(wire == 2)
         if len(v2):
-            length, q = _varints_at(buf, p[v2], e[v2], r[v2], w)
+            length, q = varints_at(buf, p[v2], e[v2], r[v2], w)
             over = length > (e[v2] - q).astype(np.uint64)
             if over.any():
                 w.fail(r[v2][over], "a length-delimited field runs past the end of its message")
@@ -271,27 +259,6 @@ def _walk(buf, start, stop, rec, w):
         for col, arr in zip(cols, rnd):
             col[dest] = arr
     return tuple(cols)
-
-
-def _varints_at(buf, p, e, r, w):
-    """The varint starting at each ``p`` (bounded by ``e``), and the position after it."""
-    b = buf[p]
-    val = (b & 0x7F).astype(np.uint64)
-    size = np.ones(len(p), dtype=np.int64)
-    more = np.flatnonzero(b & 0x80)
-    shift = 7
-    while len(more):
-        if shift > 63:
-            w.fail(r[more], "varint longer than 10 bytes")
-        q = p[more] + size[more]
-        if np.any(q >= e[more]):
-            w.fail(r[more][q >= e[more]], "truncated varint (runs past the end of its message)")
-        b = buf[q]
-        val[more] |= (b & 0x7F).astype(np.uint64) << np.uint64(shift)
-        size[more] += 1
-        more = more[(b & 0x80) != 0]
-        shift += 7
-    return val, p + size
 
 
 def _fields(w, recs, field, wire, number: int, what: str) -> np.ndarray:

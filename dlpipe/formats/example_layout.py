@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dlpipe.errors import FormatError
-from dlpipe.formats.example_decode import _varints_at, _Where
+from dlpipe.formats.protowire import RecordErrors, varints_at
 
 
 # Fast path: records written by one writer from padded data share one layout (same features in
@@ -147,7 +147,7 @@ def _read_len(buf, pos, ends, out):
         stop = out + b
         return bool(np.all(stop <= ends)), stop
     try:
-        val, nxt = _varints_at(buf, pos, ends, np.zeros_like(pos), _Where(None, pos[:1]))
+        val, nxt = varints_at(buf, pos, ends, np.zeros_like(pos), RecordErrors(None, pos[:1]))
     except FormatError:
         return False, None
     out[:] = nxt
