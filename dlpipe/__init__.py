@@ -6,6 +6,7 @@ WebDataset shards with a manifest and index files; ``dlpipe.verify`` checks them
 TensorFlow nor PyTorch: framework code loads lazily, behind pip extras.
 """
 
+from dlpipe._version import __version__
 from dlpipe.dataset import ShardDataset, load_dataset
 from dlpipe.engine import ReshardSummary, reshard
 from dlpipe.errors import (
@@ -18,8 +19,6 @@ from dlpipe.errors import (
     VerifyError,
 )
 from dlpipe.verify import VerifyReport, verify
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",

@@ -196,7 +196,7 @@ def make_results(
     numpy numbers and arrays, paths and tuples anywhere in the inputs become plain JSON types,
     so ``config`` can hold the parsed arguments as they are.
     """
-    from dlpipe import __version__
+    from dlpipe._version import __version__
 
     runs = _plain(runs)
     results = {
