@@ -8,6 +8,7 @@ import traceback
 
 import click
 
+from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import DlpipeError
 
 
@@ -90,7 +91,7 @@ def _padding_options(f):
         click.option("--pad-id", type=int, help="Trailing (or leading, with --padding-side left) runs of this "
                      "id are padding. A pad id inside a sequence is kept."),
         click.option("--lengths-column", metavar="NAME", help="A column holding each record's real length."),
-        click.option("--mask-column", metavar="NAME", default="attention_mask", show_default=True,
+        click.option("--mask-column", metavar="NAME", default=MASK_COLUMN, show_default=True,
                      help="A 0/1 mask column marking real positions (HF tokenizers' attention_mask)."),
         click.option("--padding-side", type=click.Choice(["auto", "right", "left"]), default="auto",
                      show_default=True, help="Where padding is; auto reads it from the mask (right for --pad-id)."),

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.defaults import SHUFFLE_BUFFER
 from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import epoch_windows, shuffle_block_records, window_batches
 from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
@@ -47,7 +48,7 @@ class ShardDataset:
                 raise ConfigError(f"column {c!r} is not in {info.root}; columns: {', '.join(info.columns)}")
         self.shuffle_seed: int | None = None
         self.seed_given = False
-        self.buffer_size = 1000
+        self.buffer_size = SHUFFLE_BUFFER
         self.chosen_block_records: int | None = None
         self.epoch = 0
         self.read_options = {"cache_dir": cache_dir, "prefetch_bytes": prefetch_bytes, "request_bytes": request_bytes}
@@ -84,7 +85,7 @@ class ShardDataset:
                 f"features={list(self.columns)}, format={self.info.format!r})")
 
     # -- HF-style transforms (return new objects)
-    def shuffle(self, seed: int | None = None, buffer_size: int = 1000, *,
+    def shuffle(self, seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER, *,
                 block_records: int | None = None) -> ShardDataset:
         """Shuffle per epoch: blocks of records across the whole split with (seed, epoch), then
         records within a buffer of ``buffer_size``. ``block_records`` (a dlpipe extension; None

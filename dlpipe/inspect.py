@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe._units import format_bytes
+from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import DlpipeError
 from dlpipe.manifest import MANIFEST, load_manifest
 from dlpipe.padding import record_lengths, resolve_padding
@@ -23,7 +24,7 @@ def inspect(
     *,
     pad_id: int | None = None,
     lengths_column: str | None = None,
-    mask_column: str | None = "attention_mask",
+    mask_column: str | None = MASK_COLUMN,
     padding_side: str = "auto",
     layout: str | None = None,
     header_bytes: int = 0,

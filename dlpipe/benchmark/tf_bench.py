@@ -47,15 +47,14 @@ from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.drive import time_units
 from dlpipe.benchmark.ledger import StageMeasurement
 from dlpipe.benchmark.utilization import parse_model_spec
+from dlpipe.defaults import MASK_COLUMN as MASK
+from dlpipe.defaults import SHUFFLE_BUFFER
 from dlpipe.errors import ConfigError, DlpipeError
 
 __all__ = ["calibrate_step", "measure_baselines", "measure_devices", "measure_dlpipe"]
 
 PURPOSE = "dlpipe bench (TensorFlow)"
-FEATURE, LABEL, MASK = "input_ids", "labels", "attention_mask"
-SHUFFLE_BUFFER = (
-    1000  # records; dlpipe's default ShardDataset buffer_size, used by the baselines too
-)
+FEATURE, LABEL = "input_ids", "labels"
 STEP_BUDGET_S = 2.0  # timing a model step alone stops after this long (after >= 3 steps)
 HF_MAX_ROWS = 50_000  # the HF baseline converts at most this many padded rows to Arrow
 PROFILE_STEPS = 10

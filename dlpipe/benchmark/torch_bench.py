@@ -44,6 +44,7 @@ from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.drive import time_units
 from dlpipe.benchmark.ledger import StageMeasurement
 from dlpipe.benchmark.utilization import parse_model_spec
+from dlpipe.defaults import MASK_COLUMN as MASK
 from dlpipe.errors import ConfigError
 
 __all__ = ["PaddedRows", "calibrate_step", "measure_baselines", "measure_devices", "measure_dlpipe"]
@@ -198,7 +199,7 @@ def _drive(make_stream: Callable[[int], _Stream], model: _Model, cfg: BenchConfi
             comp.append(t2 - t1)
             if depth is not None:
                 queue.append(float(depth))
-            mask = host["attention_mask"]
+            mask = host[MASK]
             samples += len(mask)
             tokens += int(mask.sum())
             padded += mask.numel()
@@ -232,13 +233,13 @@ def _time_step(
         t = time.perf_counter()
         model(batch)
         lat.append(time.perf_counter() - t)
-        items += len(batch["attention_mask"])
+        items += len(batch[MASK])
     return StageMeasurement("step", items, max(sum(lat), 1e-9), lat)
 
 
 def _time_h2d(batches: list[dict], device, repeats: int, notes: list[str]) -> StageMeasurement:
     """Host-to-device copies of finished batches: pinned (the stage), pageable (a note)."""
-    records = [(len(b["attention_mask"]), 1) for b in batches]
+    records = [(len(b[MASK]), 1) for b in batches]
     if device.type != "cuda":
         units = [
             (functools.partial(lambda b: {k: v.clone() for k, v in b.items()}, b), n, k)
@@ -372,7 +373,7 @@ def _dlpipe_stages(
     if cfg.num_workers:
         stages[-1].queue_capacity = cfg.num_workers * PREFETCH_FACTOR
     batches = [numpy_to_tensors(collate(p, enc, pad)) for _, p in taken]
-    widths = [b["attention_mask"].shape[1] for b in batches]
+    widths = [b[MASK].shape[1] for b in batches]
     notes.append(f"batch: padded to {np.mean(widths):.1f} tokens on average (longest in batch)")
     stages.append(_time_h2d(batches, device, reps, notes))
     if model.fn is not None:
@@ -534,7 +535,7 @@ class PaddedRows:
         row = np.array(ids[i])
         return {
             "input_ids": row,
-            "attention_mask": (row != self.pad_id).astype(np.int64),
+            MASK: (row != self.pad_id).astype(np.int64),
             "labels": np.array(labels[i], dtype=np.float32),
         }
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from dlpipe.columns import ColumnEncoding
+from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError
 from dlpipe.loaders.shard_reader import Ragged, ShardReader, read_index  # noqa: F401  (re-exported)
 from dlpipe.manifest import DatasetInfo
 
-MASK = "attention_mask"
+MASK = MASK_COLUMN
 UNEVEN = ("pad", "drop")
 SHUFFLE_BLOCKS = 4096  # blocks per split a global shuffle aims for (shuffle_block_records)
 MAX_BLOCK_RECORDS = 256
