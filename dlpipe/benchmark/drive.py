@@ -30,3 +30,58 @@ def time_units(
     passes.sort(key=lambda p: p[0])
     total, lat = passes[len(passes) // 2]
     return StageMeasurement(name, sum(u[1] for u in units), max(total, 1e-9), lat)
+
+
+def drive(
+    make_stream: Callable[[int], Any],
+    fetch: Callable[[Any], tuple[Any, Any]],
+    step: Callable[[Any], Any],
+    count: Callable[[Any], tuple[int, int, int]],
+    *,
+    repeats: int,
+    warmup: int,
+    steps: int,
+    depth: Callable[[Any], int | None] | None = None,
+) -> dict[str, Any]:
+    """``repeats`` × (``warmup`` + ``steps``) batches into a model: the one timing loop of every
+    measurer, so both frameworks' numbers mean the same.
+
+    Per repeat a fresh stream (``make_stream(repeat)``); ``fetch(stream)`` takes the next batch
+    and moves it where the model wants it, returning (batch, mask on the host); ``step(batch)``
+    runs the model and returns when it has finished; ``count(mask)`` gives (samples, real
+    tokens, padded tokens). A step's *wait* is its fetch, its *compute* its step; a repeat's
+    *wall* runs from its first timed fetch to the end of its last step. ``depth(stream)`` (if
+    given) samples the loader's ready batches before each fetch. Returns per repeat
+    ``samples``, ``tokens``, ``wall`` and the three rates; ``wait_s``, ``compute_s`` and
+    ``queue`` (None without ``depth`` samples) of the last repeat."""
+    keys = ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "samples", "tokens", "wall")
+    out: dict[str, Any] = {k: [] for k in keys}
+    for r in range(repeats):
+        stream = make_stream(r)
+        for _ in range(warmup):
+            step(fetch(stream)[0])
+        wait, comp, queue = [], [], []
+        samples = tokens = padded = 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            ready = depth(stream) if depth is not None else None
+            t0 = time.perf_counter()
+            batch, mask = fetch(stream)
+            t1 = time.perf_counter()
+            step(batch)
+            t2 = time.perf_counter()
+            wait.append(t1 - t0)
+            comp.append(t2 - t1)
+            if ready is not None:
+                queue.append(float(ready))
+            n, real, total = count(mask)
+            samples, tokens, padded = samples + n, tokens + real, padded + total
+        wall = time.perf_counter() - start
+        del stream  # a loader's workers shut down before the next repeat starts new ones
+        for key, value in (("samples", samples), ("tokens", tokens), ("wall", wall)):
+            out[key].append(value)
+        out["samples_per_s"].append(samples / wall)
+        out["tokens_per_s"].append(tokens / wall)
+        out["padded_tokens_per_s"].append(padded / wall)
+        out.update(wait_s=wait, compute_s=comp, queue=queue or None)
+    return out

@@ -44,7 +44,7 @@ import numpy as np
 
 from dlpipe._deps import require
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
-from dlpipe.benchmark.drive import time_units
+from dlpipe.benchmark.drive import drive, time_units
 from dlpipe.benchmark.ledger import StageMeasurement
 from dlpipe.benchmark.utilization import parse_model_spec
 from dlpipe.defaults import MASK_COLUMN as MASK
@@ -193,38 +193,20 @@ class _Stream:
 def _drive(
     make_stream: Callable[[], _Stream], model: _Model, cfg: BenchConfig, device: str
 ) -> dict:
-    """repeats × (warmup + steps) batches into ``model``: per-step times, rates per repeat."""
+    """``benchmark.drive`` of ``model`` over fresh streams (see there for what is timed)."""
     move = _is_gpu(device) and model.spec.kind != "deepcal"
-    out: dict[str, Any] = {"samples_per_s": [], "tokens_per_s": [], "padded_tokens_per_s": []}
-    for _ in range(cfg.repeats):
-        stream = make_stream()
-        for _ in range(cfg.warmup):
-            features, labels = _split(next(stream))
-            model(_to_device(features, device) if move else features, labels)
-        wait, comp = [], []
-        samples = tokens = padded = 0
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            t0 = time.perf_counter()
-            features, labels = _split(next(stream))
-            mask = features[MASK]
-            if move:
-                features = _to_device(features, device)
-            t1 = time.perf_counter()
-            model(features, labels)
-            t2 = time.perf_counter()
-            wait.append(t1 - t0)
-            comp.append(t2 - t1)
-            m = mask.numpy()
-            samples += m.shape[0]
-            tokens += int(np.count_nonzero(m))
-            padded += m.size
-        wall = time.perf_counter() - start
-        out["samples_per_s"].append(samples / wall)
-        out["tokens_per_s"].append(tokens / wall)
-        out["padded_tokens_per_s"].append(padded / wall)
-        out.update(wait_s=wait, compute_s=comp, wall=wall)
-    return out
+
+    def fetch(stream: _Stream):
+        features, labels = _split(next(stream))
+        mask = features[MASK]
+        return ((_to_device(features, device) if move else features), labels), mask
+
+    def count(mask) -> tuple[int, int, int]:
+        m = mask.numpy()
+        return m.shape[0], int(np.count_nonzero(m)), m.size
+
+    return drive(lambda r: make_stream(), fetch, lambda batch: model(*batch), count,
+                 repeats=cfg.repeats, warmup=cfg.warmup, steps=cfg.steps)
 
 
 def _time_dataset(name: str, dataset, repeats: int) -> StageMeasurement:

@@ -41,7 +41,7 @@ import numpy as np
 
 from dlpipe._deps import require
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
-from dlpipe.benchmark.drive import time_units
+from dlpipe.benchmark.drive import drive, time_units
 from dlpipe.benchmark.ledger import StageMeasurement
 from dlpipe.benchmark.utilization import parse_model_spec
 from dlpipe.defaults import MASK_COLUMN as MASK
@@ -164,54 +164,18 @@ class _Stream:
 
 
 def _drive(make_stream: Callable[[int], _Stream], model: _Model, cfg: BenchConfig, device) -> dict:
-    """repeats × (warmup + steps) batches into ``model``: per-step times, rates per repeat."""
+    """``benchmark.drive`` of ``model`` over fresh streams (see there for what is timed)."""
     move = device.type == "cuda" and not model.moves_batches
-    out: dict[str, Any] = {
-        k: []
-        for k in (
-            "samples_per_s",
-            "tokens_per_s",
-            "padded_tokens_per_s",
-            "samples",
-            "tokens",
-            "wall",
-        )
-    }
-    for r in range(cfg.repeats):
-        stream = make_stream(r)
-        for _ in range(cfg.warmup):
-            batch = next(stream)
-            model(_to(batch, device) if move else batch)
-        wait, comp, queue = [], [], []
-        samples = tokens = padded = 0
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            depth = stream.ready()
-            t0 = time.perf_counter()
-            batch = next(stream)
-            host = batch
-            if move:
-                batch = _to(batch, device)
-            t1 = time.perf_counter()
-            model(batch)
-            t2 = time.perf_counter()
-            wait.append(t1 - t0)
-            comp.append(t2 - t1)
-            if depth is not None:
-                queue.append(float(depth))
-            mask = host[MASK]
-            samples += len(mask)
-            tokens += int(mask.sum())
-            padded += mask.numel()
-        wall = time.perf_counter() - start
-        del stream  # shuts its workers down before the next repeat starts new ones
-        for key, value in (("samples", samples), ("tokens", tokens), ("wall", wall)):
-            out[key].append(value)
-        out["samples_per_s"].append(samples / wall)
-        out["tokens_per_s"].append(tokens / wall)
-        out["padded_tokens_per_s"].append(padded / wall)
-        out.update(wait_s=wait, compute_s=comp, queue=queue or None)
-    return out
+
+    def fetch(stream: _Stream):
+        host = next(stream)
+        return (_to(host, device) if move else host), host[MASK]
+
+    def count(mask) -> tuple[int, int, int]:
+        return len(mask), int(mask.sum()), mask.numel()
+
+    return drive(make_stream, fetch, model, count, repeats=cfg.repeats, warmup=cfg.warmup, steps=cfg.steps,
+                 depth=_Stream.ready)
 
 
 def _time_step(
