@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import dlpipe
-from dlpipe.benchmark import tf_bench
+from dlpipe.benchmark import tf_measure as tf_bench
 from dlpipe.benchmark.config import STAGES, BenchConfig, FrameworkResult
 from dlpipe.benchmark.ledger import Ledger
 from dlpipe.errors import ConfigError, MissingDependencyError
@@ -203,7 +203,7 @@ def test_bad_settings_are_refused(data):
 
 def test_imports_without_tensorflow_and_names_the_pip_command(monkeypatch, tmp_path):
     code = (
-        "import sys; sys.modules['tensorflow'] = None; import dlpipe.benchmark.tf_bench; "
+        "import sys; sys.modules['tensorflow'] = None; import dlpipe.benchmark.tf_measure; "
         "print('tensorflow' in sys.modules and sys.modules['tensorflow'] is not None)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

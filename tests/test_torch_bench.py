@@ -20,7 +20,7 @@ from dlpipe.errors import ConfigError, MissingDependencyError
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from dlpipe.benchmark import torch_bench  # noqa: E402
+from dlpipe.benchmark import torch_measure as torch_bench  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import padded_tokens  # noqa: E402
@@ -179,7 +179,7 @@ def test_bad_settings_are_refused(data):
 
 def test_imports_without_torch_and_names_the_pip_command(data, monkeypatch):
     code = (
-        "import sys; sys.modules['torch'] = None; import dlpipe.benchmark.torch_bench; "
+        "import sys; sys.modules['torch'] = None; import dlpipe.benchmark.torch_measure; "
         "print('torch' in sys.modules and sys.modules['torch'] is not None)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,7 +1,7 @@
 """The contract between ``dlpipe bench``'s orchestrator and each framework's measurer.
 
 The orchestrator (``runner.py``) starts one process per CPU share or device group, each with a
-``BenchConfig``; inside, ``dlpipe.benchmark.torch_bench`` or ``tf_bench`` measures and returns
+``BenchConfig``; inside, ``dlpipe.benchmark.torch_measure`` or ``tf_measure`` measures and returns
 ``FrameworkResult``s (JSON-able) which the orchestrator merges into ``results.json``.
 
 Each framework module provides::

@@ -23,7 +23,7 @@ from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.machine import pin
 from dlpipe.errors import DlpipeError
 
-MEASURERS = {"tf": "dlpipe.benchmark.tf_bench", "torch": "dlpipe.benchmark.torch_bench"}
+MEASURERS = {"tf": "dlpipe.benchmark.tf_measure", "torch": "dlpipe.benchmark.torch_measure"}
 
 
 def run_job(job: dict) -> dict:
