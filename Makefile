@@ -58,3 +58,8 @@ bench-shuffle: venv
 	$(PY) -c 'import litdata, grain' 2>/dev/null || { $(PIP_INSTALL) -e '.[peers]' && \
 		{ $(PY) -c 'import torchvision' 2>/dev/null || $(PY) -m pip uninstall -y -q torchvision; }; }
 	$(PY) bench/shuffle_bench.py
+
+# The prepared GPU check (issue 11): every GPU path of the PyTorch side, bounded, results in gpu-check/.
+.PHONY: gpu-check
+gpu-check: venv
+	$(PY) bench/gpu_check.py --out gpu-check
