@@ -156,3 +156,21 @@ def test_dlpipe_bench_reports_the_shuffle_it_trains_on(one_shard):
     results = make_results(machine={}, ceilings={}, config={}, runs=[], shuffle=q)
     text = render_report(results)
     assert "## Shuffle quality" in text and f"{q['rank_correlation']:+.3f}" in text
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tf_ranks_split_one_shard_by_records_as_torch_does(one_shard, shuffle):
+    """Fewer shards than ranks: record ranges per rank (issue 11), the same batches in both."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("torch")
+    ds = dlpipe.load_dataset(one_shard)
+    kw = dict(batch_size=300, shuffle=shuffle, seed=2 if shuffle else None, world_size=3)
+    seen = []
+    for rank in range(3):
+        tf_batches = [_ids([b]).tolist() for b in ds.to_tf_dataset(rank=rank, **kw)]
+        torch_batches = [_ids([b]).tolist() for b in ds.to_torch_dataloader(rank=rank, **kw)]
+        assert tf_batches == torch_batches
+        seen += [i for b in tf_batches for i in b]
+    assert set(seen) == set(range(N)) and len(seen) == -(-N // 3) * 3  # "pad" repeats a few
+    with pytest.raises(ConfigError, match="same seed"):
+        ds.to_tf_dataset(batch_size=8, shuffle=True, world_size=2, rank=0)

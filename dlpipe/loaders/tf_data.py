@@ -44,7 +44,7 @@ import numpy as np
 from dlpipe._deps import require
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import MASK, default_boundaries
+from dlpipe.loaders.common import MASK, default_boundaries, rank_share
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
 
@@ -241,6 +241,9 @@ def to_tf_dataset(
     seed: int | None = None,
     cycle_length: int | None = None,
     deterministic: bool | None = None,
+    world_size: int | None = None,
+    rank: int | None = None,
+    uneven: str = "pad",
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of padded batches of a ``ShardDataset`` (HF names and structure).
 
@@ -257,6 +260,10 @@ def to_tf_dataset(
       read at once (default min(shards, 16)).
     - ``bucket_boundaries`` (a sorted list, or ``"auto"`` for ``common.default_boundaries``):
       records are grouped by length bucket and each batch is padded to its bucket's boundary.
+    - ``world_size``/``rank`` (both or neither): this process's share when several read the split
+      (e.g. one per GPU without ``tf.distribute``): equal record ranges of the epoch order, as the
+      PyTorch loader splits them, so any number of ranks works with any number of shards; the
+      same batches as ``to_torch_dataloader`` with the same arguments. ``uneven`` as there.
     - ``deterministic``: None keeps the order reproducible (an unseeded shuffle draws its seed
       once, as in the PyTorch loader).
     """
@@ -305,8 +312,16 @@ def to_tf_dataset(
 
     ds = ds.with_shuffle(shuffle, seed)  # the PyTorch loader's rule: unseeded = a random seed
     shuffle, seed = ds.shuffled, ds.shuffle_seed
-    # shuffled shards that can be read from the middle follow the epoch plan (a global shuffle)
-    planned = shuffle and ds.block_records is not None
+    if (world_size is None) != (rank is None):
+        raise ConfigError(f"pass both world_size and rank, or neither (got world_size={world_size}, rank={rank})")
+    world_size, rank = (1, 0) if world_size is None else (int(world_size), int(rank))
+    rank_share(1, world_size, rank, uneven)  # checks them
+    if world_size > 1 and shuffle and not ds.seed_given:
+        raise ConfigError("shuffling across several ranks needs the same seed on every rank; pass "
+                          "ds.shuffle(seed=...) or to_tf_dataset(seed=...)")
+    # shuffled shards that can be read from the middle, and any split over ranks, follow the
+    # epoch plan (a global shuffle; record ranges per rank)
+    planned = (shuffle and ds.block_records is not None) or world_size > 1
     if deterministic is None:
         deterministic = True
     parallel = num_workers or tf.data.AUTOTUNE
@@ -315,8 +330,9 @@ def to_tf_dataset(
         from dlpipe.loaders.tf_plan import planned_batches
 
         files = []
-        data = planned_batches(ds, batch_size or _CHUNK, seed=int(seed),
-                               drop_remainder=drop_remainder and batch_size is not None)
+        data = planned_batches(ds, batch_size or _CHUNK, seed=int(seed or 0), shuffle=shuffle,
+                               drop_remainder=drop_remainder and batch_size is not None,
+                               world_size=world_size, rank=rank, uneven=uneven)
     else:
         seed = None if seed is None else int(seed) + ds.epoch
         files, open_file = _shard_files(ds, _COMPRESSION[info.compression])

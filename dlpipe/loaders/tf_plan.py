@@ -45,13 +45,16 @@ _SPEC = (tf.TensorSpec([], tf.string), tf.TensorSpec([None], tf.int64), tf.Tenso
 _CHUNK_RECORDS = 8192
 
 
-def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool) -> tf.data.Dataset:
-    """``[b]`` string vectors: the serialized records of each batch of ``ds``'s shuffled epochs,
-    batch by batch as ``to_torch_dataloader(batch_size=batch_size)`` makes them."""
+def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool, shuffle: bool = True,
+                    world_size: int = 1, rank: int = 0, uneven: str = "pad") -> tf.data.Dataset:
+    """``[b]`` string vectors: the serialized records of each batch of ``ds``'s epochs for this
+    rank, batch by batch as ``to_torch_dataloader(batch_size=batch_size, world_size=world_size,
+    rank=rank)`` makes them (ranks take equal record ranges of the epoch order, so any number of
+    ranks works with any number of shards)."""
     reader, shards = ds.reader(), ds.shards
     sizes = [s.num_records for s in shards]
     per_window = max(1, math.ceil(ds.buffer_size / batch_size))  # as ShardIterableDataset
-    block_records = ds.block_records
+    block_records = ds.block_records if shuffle else None
     epochs = itertools.count(ds.epoch)
     lock = threading.Lock()
 
@@ -59,13 +62,13 @@ def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool
         """(bytes, record starts, record lengths, batch size) of a run of equal-sized batches."""
         with lock:
             epoch = next(epochs)
-        windows = epoch_windows(sizes, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                window_batches=per_window, drop_last=drop_remainder,
-                                block_records=block_records)
+        windows = epoch_windows(sizes, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                window_batches=per_window, drop_last=drop_remainder, world_size=world_size,
+                                rank=rank, uneven=uneven, block_records=block_records)
         pending: list[tuple[np.ndarray, np.ndarray]] = []
         for window, (buf, starts, ends) in zip(windows, read_windows(reader, shards, windows, serialized=True)):
-            for rows in window_batches(window, None, batch_size=batch_size, shuffle=True, seed=seed,
-                                       epoch=epoch, rank=0):
+            for rows in window_batches(window, None, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                       epoch=epoch, rank=rank):
                 batch = gather_bytes(buf, starts[rows], ends[rows])
                 if len(rows) != batch_size:  # the epoch's last batch: on its own
                     if pending:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from typing import Any
 
@@ -17,20 +16,11 @@ from dlpipe.benchmark.tf_measure.device import FEATURE, LABEL, STEP_BATCHES, _Mo
 from dlpipe.benchmark.tf_measure.timing import _time_dataset, _time_h2d, _time_step
 from dlpipe.defaults import MASK_COLUMN as MASK
 from dlpipe.defaults import SHUFFLE_BUFFER
-from dlpipe.errors import ConfigError
 
 
 def _rank_files(info, cfg: BenchConfig) -> list[str]:
-    shards = info.split_shards(cfg.split)
-    files = [
-        os.path.join(info.root, s.path)
-        for i, s in enumerate(shards)
-        if i % cfg.world_size == cfg.rank
-    ]
-    if not files:
-        raise ConfigError(f"rank {cfg.rank} of {cfg.world_size} has no shard files in {cfg.data!r} "
-                          f"({len(shards)} shards); use world_size <= {len(shards)}")  # fmt: skip
-    return files
+    """The split's files (a single process; several read through the epoch plan, see _planned)."""
+    return [os.path.join(info.root, s.path) for s in info.split_shards(cfg.split)]
 
 
 def _compression(info) -> str:
@@ -44,35 +34,31 @@ def _dlpipe_stages(
 
     tf = _tf()
     auto = tf.data.AUTOTUNE
-    files = _rank_files(info, cfg)
-    n, reps, bs, comp = cfg.steps * cfg.batch_size, cfg.repeats, cfg.batch_size, _compression(info)
-    # read as the loader reads: files interleaved (up to 16 at once) in blocks of serialized
-    # records, parallel, in a fixed order, then rebatched to the batch size
-    from dlpipe.loaders.tf_data import _BLOCK
-
-    blocks = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=comp).batch(_BLOCK),
-        cycle_length=min(len(files), 16), num_parallel_calls=auto, deterministic=True,
-    )  # fmt: skip
-    records = blocks.unbatch().take(n)  # the later stages start from these records, cached
-    shuffled = _planned(cfg)  # the loader's shuffled read (loaders.tf_plan), when it takes that path
-    if shuffled is None:
-        stages = [_time_dataset("read", blocks.rebatch(bs).take(-(-n // bs)), reps)]
-    else:
+    n, reps, bs = cfg.steps * cfg.batch_size, cfg.repeats, cfg.batch_size
+    shuffled = _planned(cfg)  # the loader's read through the epoch plan, when it takes that path
+    if shuffled is not None:
         stages = [_time_dataset("read", shuffled.take(-(-n // bs)), reps)]
-        notes.append("read: shuffled uncompressed shards are read as to_tf_dataset reads them, through the "
-                     "epoch plan (dlpipe's reader gathers each batch's serialized records from blocks permuted "
-                     "across the split; one generator element per ~8k records, cut with tf.strings.substr), "
-                     "which includes the shuffle; shuffle: the plan's permutation and gather alone, on "
-                     "windows read beforehand")  # fmt: skip
-    plain = _time_dataset(
-        "read", tf.data.TFRecordDataset(files, compression_type=comp).take(n).batch(bs), 1
-    )
-    nbytes = sum(os.path.getsize(f) for f in files)
-    notes.append(f"read: {len(files)} shard file(s) of this rank ({nbytes / 1e6:.1f} MB) interleaved as "
-                 f"to_tf_dataset does (blocks of {_BLOCK} serialized records, rebatched), one element per "
-                 f"batch; one TFRecordDataset reading the files in turn: "
-                 f"{plain.capacity:,.0f} records/s")  # fmt: skip
+        records = shuffled.unbatch().take(n)  # the later stages start from these records, cached
+        notes.append("read: as to_tf_dataset reads shuffled uncompressed shards, or any split over ranks: "
+                     "through the epoch plan (dlpipe's reader gathers each batch's serialized records from "
+                     "blocks permuted across the split, this rank's record range of it; one generator element "
+                     "per ~8k records, cut with tf.strings.substr), which includes the shuffle; shuffle: the "
+                     "plan's permutation and gather alone, on windows read beforehand")  # fmt: skip
+    else:  # compressed shards, one process: files interleaved in blocks of serialized records
+        from dlpipe.loaders.tf_data import _BLOCK
+
+        files, comp = _rank_files(info, cfg), _compression(info)
+        blocks = tf.data.Dataset.from_tensor_slices(files).interleave(
+            lambda f: tf.data.TFRecordDataset(f, compression_type=comp).batch(_BLOCK),
+            cycle_length=min(len(files), 16), num_parallel_calls=auto, deterministic=True,
+        )  # fmt: skip
+        stages = [_time_dataset("read", blocks.rebatch(bs).take(-(-n // bs)), reps)]
+        records = blocks.unbatch().take(n)
+        plain = _time_dataset("read", tf.data.TFRecordDataset(files, compression_type=comp).take(n).batch(bs), 1)
+        nbytes = sum(os.path.getsize(f) for f in files)
+        notes.append(f"read: {len(files)} shard file(s) ({nbytes / 1e6:.1f} MB) interleaved as to_tf_dataset "
+                     f"does (blocks of {_BLOCK} serialized records, rebatched), one element per batch; one "
+                     f"TFRecordDataset reading the files in turn: {plain.capacity:,.0f} records/s")  # fmt: skip
 
     encodings = {c: info.columns[c] for c in (FEATURE, LABEL)}
     decoder = BatchDecoder(encodings, info.pad_values, pad_to_multiple_of=None, boundaries=None,
@@ -116,11 +102,9 @@ def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement
     from dlpipe.loaders.shard_reader import gather_bytes, read_windows
 
     ds = dlpipe.load_dataset(cfg.data, cfg.split)
-    if cfg.world_size > 1:
-        ds = _shard_files(ds, cfg.world_size, cfg.rank)
     windows = epoch_windows([s.num_records for s in ds.shards], batch_size=cfg.batch_size, shuffle=True,
                             seed=cfg.seed, window_batches=max(1, -(-ds.buffer_size // cfg.batch_size)),
-                            block_records=ds.block_records)  # fmt: skip
+                            world_size=cfg.world_size, rank=cfg.rank, block_records=ds.block_records)  # fmt: skip
     todo, total = [], 0
     for w in windows:
         if total >= n:
@@ -130,7 +114,8 @@ def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement
     read = list(read_windows(ds.reader(), ds.shards, todo, serialized=True))
 
     def shuffle(w, buf, starts, ends) -> None:
-        for rows in window_batches(w, None, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0, rank=0):
+        for rows in window_batches(w, None, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0,
+                                   rank=cfg.rank):
             gather_bytes(buf, starts[rows], ends[rows])
 
     units = [(functools.partial(shuffle, w, *r), w.num_records, w.num_batches) for w, r in zip(todo, read)]
@@ -138,55 +123,36 @@ def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement
 
 
 def _planned(cfg: BenchConfig):
-    """Serialized batches of this rank's shards as the shuffled loader reads them (the epoch plan,
-    ``loaders.tf_plan``), or None where ``to_tf_dataset`` reads files front to back instead."""
+    """Serialized batches of this rank's share as the shuffled loader reads them (the epoch plan,
+    ``loaders.tf_plan``), or None where ``to_tf_dataset`` reads files front to back instead
+    (compressed shards in a single process)."""
     import dlpipe
     from dlpipe.loaders.tf_plan import planned_batches
 
     ds = dlpipe.load_dataset(cfg.data, cfg.split)
-    if ds.block_records is None:
+    if ds.block_records is None and cfg.world_size == 1:
         return None
-    if cfg.world_size > 1:
-        ds = _shard_files(ds, cfg.world_size, cfg.rank)
-    return planned_batches(ds, cfg.batch_size, seed=cfg.seed, drop_remainder=False)
+    return planned_batches(ds, cfg.batch_size, seed=cfg.seed, drop_remainder=False,
+                           world_size=cfg.world_size, rank=cfg.rank)
 
 
 def _dlpipe_dataset(cfg: BenchConfig, *, batch_size: int | None = None, world_size: int | None = None,
                     rank: int | None = None, notes: list[str] | None = None):  # fmt: skip
-    """``to_tf_dataset`` over this rank's share; the loader's own rank options when it has them,
-    else a dataset restricted to this rank's shard files."""
+    """``to_tf_dataset`` over this rank's share (its ``world_size``/``rank``: record ranges)."""
     import dlpipe
     from dlpipe.loaders.tf_data import to_tf_dataset
 
     world_size = cfg.world_size if world_size is None else world_size
     rank = cfg.rank if rank is None else rank
     ds = dlpipe.load_dataset(cfg.data, cfg.split)
-    params = inspect.signature(to_tf_dataset).parameters
     kw: dict[str, Any] = {"batch_size": batch_size or cfg.batch_size, "columns": [FEATURE, MASK],
-                          "label_cols": [LABEL], "shuffle": True, "prefetch": True}  # fmt: skip
-    if "seed" in params:
-        kw["seed"] = cfg.seed
+                          "label_cols": [LABEL], "shuffle": True, "prefetch": True, "seed": cfg.seed}  # fmt: skip
     how = "single process"
-    if world_size > 1 and {"world_size", "rank"} <= set(params):
+    if world_size > 1:
         kw.update(world_size=world_size, rank=rank)
-        how = f"rank {rank} of {world_size} via to_tf_dataset(world_size=, rank=)"
-    elif world_size > 1:
-        ds = _shard_files(ds, world_size, rank)
-        how = f"rank {rank} of {world_size}: shard files i % {world_size} == {rank} ({len(ds.shards)} files)"
+        how = f"rank {rank} of {world_size}: its record range of the epoch order"
     if notes is not None:
         notes.append(
             f"pipeline: to_tf_dataset({', '.join(f'{k}={v!r}' for k, v in kw.items())}); {how}"
         )
     return to_tf_dataset(ds, **kw)
-
-
-def _shard_files(ds, world_size: int, rank: int):
-    import copy
-
-    out = copy.copy(ds)
-    out.shards = [s for i, s in enumerate(ds.shards) if i % world_size == rank]
-    if not out.shards:
-        raise ConfigError(
-            f"rank {rank} of {world_size} gets none of the {len(ds.shards)} shard files"
-        )
-    return out
