@@ -21,7 +21,7 @@ import numpy as np
 
 from dlpipe.formats.packing import (
     Piece,
-    Ragged,
+    RaggedPiece,
     constant,
     flat_rows,
     optional,
@@ -40,7 +40,7 @@ class FeaturePayload:
 
     name: str
     kind: str  # "bytes" | "float" | "int64"
-    payload: Piece | Ragged
+    payload: Piece | RaggedPiece
     nbytes: np.ndarray  # payload bytes per record (int64)
 
 
@@ -62,7 +62,7 @@ def raw_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None, ki
         return FeaturePayload(name, kind, Piece(block, None), np.full(n, block.shape[1], np.int64))
     nbytes = elem_lengths.astype(np.int64) * itemsize
     flat = np.ascontiguousarray(_real(data, elem_lengths)).view(np.uint8)
-    return FeaturePayload(name, kind, Ragged(flat, nbytes), nbytes)
+    return FeaturePayload(name, kind, RaggedPiece(flat, nbytes), nbytes)
 
 
 def int64_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None) -> FeaturePayload:
@@ -80,7 +80,7 @@ def int64_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None) 
     ends = np.cumsum(elem_lengths.astype(np.int64))
     csize = np.concatenate([[0], np.cumsum(size)])
     nbytes = csize[ends] - csize[ends - elem_lengths]
-    return FeaturePayload(name, "int64", Ragged(flat, nbytes), nbytes)
+    return FeaturePayload(name, "int64", RaggedPiece(flat, nbytes), nbytes)
 
 
 def example_pieces(features: list[FeaturePayload], n: int) -> tuple[list[Piece], np.ndarray]:

@@ -5,7 +5,7 @@ payload) whose widths vary per record. A small piece is a ``(block, mask)`` pair
 ``(n, w)`` uint8 array with row i holding record i's bytes left-aligned, ``mask`` says which bytes
 are real. Placing blocks side by side and taking ``block[mask]`` in row-major order yields all
 records back to back: one boolean compaction replaces a Python loop over records. A payload is a
-``Ragged`` piece instead (its real bytes back to back, plus a length per record), so the work it
+``RaggedPiece`` piece instead (its real bytes back to back, plus a length per record), so the work it
 costs follows the bytes that are real, not the padded width of the widest record.
 """
 
@@ -30,7 +30,7 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class Ragged:
+class RaggedPiece:
     """Record i's bytes are ``flat[offsets[i]:offsets[i+1]]`` (``lengths`` of them)."""
 
     flat: np.ndarray  # uint8
@@ -113,12 +113,12 @@ def optional(piece: Piece, keep: np.ndarray) -> Piece:
     return Piece(piece.block, mask if piece.mask is None else piece.mask & mask)
 
 
-def _compact(pieces: list[Piece]) -> Ragged:
+def _compact(pieces: list[Piece]) -> RaggedPiece:
     blocks = np.concatenate([p.block for p in pieces], axis=1)
     masks = np.concatenate(
         [np.ones(p.block.shape, dtype=bool) if p.mask is None else p.mask for p in pieces], axis=1
     )
-    return Ragged(blocks[masks], masks.sum(axis=1, dtype=np.int64))
+    return RaggedPiece(blocks[masks], masks.sum(axis=1, dtype=np.int64))
 
 
 def scatter_ragged(out: np.ndarray, dst_starts: np.ndarray, flat: np.ndarray, lengths: np.ndarray) -> None:
@@ -132,7 +132,7 @@ def scatter_ragged(out: np.ndarray, dst_starts: np.ndarray, flat: np.ndarray, le
     out[idx] = flat[:total]
 
 
-def pack(pieces: list[Piece | Ragged], n: int) -> tuple[np.ndarray, np.ndarray]:
+def pack(pieces: list[Piece | RaggedPiece], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate, per record, the real bytes of each piece in order.
 
     Runs of block pieces are compacted at once; the runs and ragged pieces are then placed with
@@ -140,10 +140,10 @@ def pack(pieces: list[Piece | Ragged], n: int) -> tuple[np.ndarray, np.ndarray]:
     """
     if n == 0:
         return np.empty(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
-    runs: list[Ragged] = []
+    runs: list[RaggedPiece] = []
     blocks: list[Piece] = []
     for piece in pieces:
-        if isinstance(piece, Ragged):
+        if isinstance(piece, RaggedPiece):
             if blocks:
                 runs.append(_compact(blocks))
                 blocks = []

@@ -24,7 +24,7 @@ import google_crc32c
 import numpy as np
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.packing import Piece, Ragged, pack
+from dlpipe.formats.packing import Piece, RaggedPiece, pack
 
 HEADER_BYTES = 12  # length + length-crc
 FOOTER_BYTES = 4
@@ -62,7 +62,7 @@ def frame_records(payload: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.diff(offsets)
     flat = np.asarray(payload, dtype=np.uint8)[offsets[0] : offsets[-1]] if len(offsets) else payload[:0]
-    return frame_pieces([Ragged(flat, lengths)], lengths)
+    return frame_pieces([RaggedPiece(flat, lengths)], lengths)
 
 
 def _length_crcs(lengths: np.ndarray) -> np.ndarray:
