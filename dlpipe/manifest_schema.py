@@ -122,9 +122,11 @@ def _check_column(name: str, col: Any, field: str) -> None:
     encoding = col.get("encoding")
     if encoding not in ENCODINGS:
         raise _Bad(f"{field}.encoding", f"{encoding!r}; known encodings: {', '.join(ENCODINGS)}")
-    # what reshard writes: raw values cast back without loss; TF lists of their own types
+    # what reshard writes: integers in the narrowest integer type that holds the column's value
+    # range (uint8 for int8 data in [0, 127]: the reader checks that range), floats as they are
+    # or narrower; TF lists of their own types
     fits = {
-        "raw": lambda: np.can_cast(storage, dtype, "safe"),
+        "raw": lambda: (storage.kind in "iu" and dtype.kind in "biu") or np.can_cast(storage, dtype, "safe"),
         "int64_list": lambda: storage == np.int64 and dtype.kind in "biu",
         "float_list": lambda: storage == np.float32 and dtype == np.float32,
     }[encoding]

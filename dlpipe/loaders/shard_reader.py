@@ -439,7 +439,15 @@ def _typed(f, enc: ColumnEncoding, n: int, path: str, frames: np.ndarray) -> Rag
         raise FormatError(path, f"column {enc.name!r} holds {int(counts[i])} values, which do not make "
                           f"records of shape {list(enc.shape)}", offset=int(frames[i]), record=i,
                           hint="the shard does not match its manifest; rerun dlpipe reshard")
-    return values.astype(enc.dtype, copy=False), splits.astype(np.int64, copy=False)
+    dtype = np.dtype(enc.dtype)
+    if len(values) and values.dtype.kind in "iu" and not np.can_cast(values.dtype, dtype, "safe"):
+        # narrowest storage (uint8 for int8 data in [0, 127]): the values must fit the dtype
+        lo, hi = int(values.min()), int(values.max())
+        top = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+        if lo < top[0] or hi > top[1]:
+            raise FormatError(path, f"column {enc.name!r} holds values {lo}..{hi}, outside its dtype {dtype}",
+                              hint="the shard does not match its manifest; rerun dlpipe reshard")
+    return values.astype(dtype, copy=False), splits.astype(np.int64, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
