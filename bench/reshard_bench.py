@@ -6,7 +6,8 @@ code points + float32 [N,2] labels) into variable-length shards:
 - ``tf-loop``  one ``tf.train.Example`` per record, ``tf.io.TFRecordWriter``, one file
 - ``wds-loop`` one sample per record, ``webdataset.ShardWriter``, 8 shards
 - ``dlpipe``   ``dlpipe.reshard`` to TFRecord (1 and 2 workers) and WebDataset (2 workers,
-  plain and gzip), 8 shards
+  plain and gzip; gzip with the fastest deflate installed, ISA-L, and with plain zlib as
+  without it: ``DLPIPE_DEFLATE=zlib``), 8 shards
 
 Each run is timed ``--repeat`` times (wall clock around the call, page cache warm) and
 reported as median (min-max). Results go to ``bench/results/reshard.json`` and a markdown
@@ -20,6 +21,7 @@ This is a benchmark, not a test: targets are reported PASS/FAIL, the exit code i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import math
 import os
@@ -229,26 +231,46 @@ def count_tfrecords(out_dir: Path) -> int:
 # --- main -----------------------------------------------------------------------------------
 
 
-def dlpipe_configs() -> list[tuple[str, dict[str, Any]]]:
-    """The dlpipe runs: TFRecord 1 and 2 workers (default encoding, and TF-native int64_list),
-    WebDataset with dlpipe's default compression, uncompressed and gzip."""
+def dlpipe_configs() -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """The dlpipe runs (name, reshard options, environment): TFRecord 1 and 2 workers (default
+    encoding, and TF-native int64_list), WebDataset with dlpipe's default compression,
+    uncompressed, gzip, and gzip with plain zlib's deflate (as without isal installed)."""
     return [
-        ("dlpipe-tfrecord-w1", {"format": "tfrecord", "workers": 1}),
-        ("dlpipe-tfrecord-w2", {"format": "tfrecord", "workers": 2}),
+        ("dlpipe-tfrecord-w1", {"format": "tfrecord", "workers": 1}, {}),
+        ("dlpipe-tfrecord-w2", {"format": "tfrecord", "workers": 2}, {}),
         (
             "dlpipe-tfrecord-int64list-w2",
             {"format": "tfrecord", "workers": 2, "int_encoding": "int64_list"},
+            {},
         ),
-        ("dlpipe-webdataset-w2", {"format": "webdataset", "workers": 2}),
+        ("dlpipe-webdataset-w2", {"format": "webdataset", "workers": 2}, {}),
         (
             "dlpipe-webdataset-plain-w2",
             {"format": "webdataset", "workers": 2, "compression": "none"},
+            {},
         ),
         (
             "dlpipe-webdataset-gzip-w2",
             {"format": "webdataset", "workers": 2, "compression": "gzip"},
+            {},
+        ),
+        (
+            "dlpipe-webdataset-zlib-w2",
+            {"format": "webdataset", "workers": 2, "compression": "gzip"},
+            {"DLPIPE_DEFLATE": "zlib"},
         ),
     ]
+
+
+def deflate_identity(env: dict[str, str]) -> dict[str, Any] | None:
+    """The deflate implementation dlpipe writes gzip/zlib with under ``env`` (None: a dlpipe
+    too old to say)."""
+    try:
+        from dlpipe.formats.deflate import codec
+    except ImportError:
+        return None
+    with environment(env):
+        return codec().identity()
 
 
 def detect_compression(out_dir: Path) -> str:
@@ -271,25 +293,43 @@ def run_dlpipe(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[di
     forkserver instead of fork, which is slower to start; a user's plain script gets fork.
     """
     runs = []
-    seen: dict[tuple[str, str], str] = {}
-    for name, options in dlpipe_configs():
-        row = timed_runs(
-            name,
-            lambda d, o=options: dlpipe_reshard(corpus_dir, d, args.num_shards, **o),
-            out_dir=out / name,
-            timed_records=args.records,
-            repeat=args.repeat,
-            num_records=args.records,
-            info={"tool": "dlpipe.reshard", **options},
-        )
+    seen: dict[tuple[str, str, str], str] = {}
+    for name, options, env in dlpipe_configs():
+        with environment(env):
+            row = timed_runs(
+                name,
+                lambda d, o=options: dlpipe_reshard(corpus_dir, d, args.num_shards, **o),
+                out_dir=out / name,
+                timed_records=args.records,
+                repeat=args.repeat,
+                num_records=args.records,
+                info={"tool": "dlpipe.reshard", **options, **({"env": env} if env else {})},
+            )
         row["compression"] = detect_compression(out / name)
-        key = (options["format"], row["compression"])
+        if row["compression"] != "none":
+            row["deflate"] = deflate_identity(env)
+        key = (options["format"], row["compression"], repr(sorted(env.items())))
         if "compression" in options and key in seen:
             print(f"  ({name} is the same as {seen[key]}, dlpipe's default; dropped)", flush=True)
             continue
         seen.setdefault(key, name)
         runs.append(row)
     return runs
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """``env`` set in os.environ (inherited by dlpipe's workers) for the duration."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_peers(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -46,6 +46,13 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
         "<=",
         2.0,
     ),
+    (
+        "WebDataset speed",
+        "dlpipe WebDataset (default compression) / dlpipe TFRecord records/s, 2 workers",
+        "speed_webdataset_vs_tfrecord_w2",
+        ">=",
+        0.4,
+    ),
 ]
 
 
@@ -88,6 +95,21 @@ def compute_ratios(runs: list[dict[str, Any]], corpus: dict[str, Any]) -> dict[s
         "size_webdataset_gzip_vs_tfrecord": ratio(
             get("dlpipe-webdataset-gzip-w2", "output_bytes"),
             get("dlpipe-tfrecord-w2", "output_bytes"),
+        ),
+        "speed_webdataset_vs_tfrecord_w2": ratio(
+            get("dlpipe-webdataset-w2", "records_per_s"), get("dlpipe-tfrecord-w2", "records_per_s")
+        ),
+        "speed_webdataset_zlib_vs_tfrecord_w2": ratio(
+            get("dlpipe-webdataset-zlib-w2", "records_per_s"),
+            get("dlpipe-tfrecord-w2", "records_per_s"),
+        ),
+        "speed_webdataset_vs_zlib_w2": ratio(
+            get("dlpipe-webdataset-w2", "records_per_s"),
+            get("dlpipe-webdataset-zlib-w2", "records_per_s"),
+        ),
+        "size_webdataset_vs_zlib": ratio(
+            get("dlpipe-webdataset-w2", "output_bytes"),
+            get("dlpipe-webdataset-zlib-w2", "output_bytes"),
         ),
         "size_tfrecord_int64list_vs_tf_loop": ratio(
             get("dlpipe-tfrecord-int64list-w2", "bytes_per_record"),
@@ -146,6 +168,16 @@ def _cpu_cell(run: dict[str, Any]) -> str:
     return f"{own:.2f} ({others:.2f})"
 
 
+def _deflate_name(deflate: dict[str, Any]) -> str:
+    return f"{deflate['implementation']} {deflate['level']}"
+
+
+def _compression_cell(run: dict[str, Any]) -> str:
+    """The compression, and for gzip/zlib the deflate implementation and level."""
+    kind = run.get("compression", "none")
+    return f"{kind} ({_deflate_name(run['deflate'])})" if run.get("deflate") else kind
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The markdown report of one ``reshard.json``."""
     m, c = result["machine"], result["corpus"]
@@ -171,7 +203,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         note = " ¹" if run["extrapolated"] else ""
         lines.append(
-            f"| {run['name']}{note} | {run.get('compression', 'none')} | {_si(run['records_per_s'])} ({_si(run['records_per_s_min'])}–"
+            f"| {run['name']}{note} | {_compression_cell(run)} | {_si(run['records_per_s'])} ({_si(run['records_per_s_min'])}–"
             f"{_si(run['records_per_s_max'])}) | {run['seconds_full_corpus']:.2f} | {_cpu_cell(run)} | "
             f"{run['bytes_per_record']:.1f} | {format_bytes(run['output_bytes'])} | "
             f"{format_bytes(run['side_file_bytes'])} | {c['bytes'] / run['output_bytes']:.1f}x |"
@@ -183,6 +215,19 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"This machine runs a CPU-bound task {ceiling:.2f}x faster on 2 processes than on 1 "
             "(calibration, fork): the ceiling for any 2-worker scaling measured here. Load average "
             f"before/after: {result['load_average']['before'][0]:.2f}/{result['load_average']['after'][0]:.2f}.",
+        ]
+    codecs = {
+        _deflate_name(run["deflate"]): run["deflate"] for run in result["runs"] if run.get("deflate")
+    }
+    if codecs:
+        named = "; ".join(
+            f"{name}: {d['implementation']} {d['version']}, level {d['level']}" for name, d in codecs.items()
+        )
+        lines += [
+            "",
+            f"Deflate (gzip/zlib) implementations used: {named}. Both write standard gzip; "
+            "`dlpipe-webdataset-zlib-w2` is the same run with `DLPIPE_DEFLATE=zlib`, as without "
+            "`isal` installed.",
         ]
     if any(run["extrapolated"] for run in result["runs"]):
         lines += [
@@ -212,6 +257,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         (
             "dlpipe WebDataset gzip bytes / dlpipe TFRecord bytes",
             r.get("size_webdataset_gzip_vs_tfrecord"),
+        ),
+        (
+            "dlpipe WebDataset with zlib's deflate / dlpipe TFRecord records/s, 2 workers",
+            r.get("speed_webdataset_zlib_vs_tfrecord_w2"),
+        ),
+        (
+            "dlpipe WebDataset (default deflate) / with zlib's deflate, records/s",
+            r.get("speed_webdataset_vs_zlib_w2"),
+        ),
+        (
+            "dlpipe WebDataset (default deflate) / with zlib's deflate, bytes",
+            r.get("size_webdataset_vs_zlib"),
         ),
         (
             "dlpipe TFRecord int64_list bytes/record / TF loop bytes/record",

@@ -7,23 +7,23 @@ A TFRecord file is a sequence of frames::
     byte   data[length]
     uint32 masked_crc32c(data)
 
-GZIP and ZLIB compression wrap the whole stream, as ``tf.io.TFRecordOptions`` defines them.
+GZIP and ZLIB compression wrap the whole stream, as ``tf.io.TFRecordOptions`` defines them;
+``formats/deflate.py`` writes and reads them (ISA-L when installed, else zlib).
 Framing is done for many records per call: one numpy pass builds every header, and the only
 per-record Python work is the C-implemented CRC of each payload.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
-import zlib
 from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
 
 from dlpipe.errors import ConfigError, FormatError
+from dlpipe.formats import deflate
+from dlpipe.formats.deflate import Codec, DeflateWriter
 from dlpipe.formats.packing import Piece, RaggedPiece, pack
 
 HEADER_BYTES = 12  # length + length-crc
@@ -110,34 +110,17 @@ def index_lines(frame_offsets: np.ndarray, base: int = 0) -> str:
     return ("%d %d\n" * n) % tuple(pairs.ravel().tolist())
 
 
-def open_compressed_writer(raw: BinaryIO, compression: str | None) -> BinaryIO:
-    """Wrap ``raw`` so bytes written are compressed as TensorFlow's TFRecordOptions expects."""
+def open_compressed_writer(raw: BinaryIO, compression: str | None, codec: Codec | None = None) -> BinaryIO:
+    """Wrap ``raw`` so bytes written are compressed as TensorFlow's TFRecordOptions expects.
+
+    gzip/zlib use ``codec`` (default: ``deflate.codec()``, ISA-L when installed, else zlib); the
+    bytes depend only on the data and the codec's identity, never on how writes were split.
+    """
     if compression is None:
         return raw
-    if compression == "gzip":
-        # mtime=0 and no file name keep the output byte-identical across runs.
-        return gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="", compresslevel=6)
-    if compression == "zlib":
-        return _ZlibWriter(raw)
+    if compression in ("gzip", "zlib"):
+        return DeflateWriter(raw, compression, codec)
     raise ConfigError(f"compression={compression!r} is not one of none, gzip, zlib")
-
-
-class _ZlibWriter(io.RawIOBase):
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._z = zlib.compressobj(6)
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self._raw.write(self._z.compress(data))
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.write(self._z.flush())
-        super().close()
 
 
 def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> np.ndarray:
@@ -158,8 +141,8 @@ def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> 
 def decompress(data: bytes | memoryview, compression: str, path: str) -> np.ndarray:
     """A gzip or zlib record stream, whole, as bytes; a FormatError naming ``path`` if it is not one."""
     try:
-        raw = gzip.decompress(data) if compression == "gzip" else zlib.decompress(data)
-    except (OSError, zlib.error, EOFError) as e:
+        raw = deflate.decompress(data, compression)
+    except deflate.errors() as e:
         raise FormatError(path, f"cannot decompress {compression} stream ({e})",
                           hint="the file is truncated or not compressed as stated") from None
     return np.frombuffer(raw, dtype=np.uint8)
