@@ -188,7 +188,10 @@ def reshard(
         pool = RayExecutor(job, address=ray_address)
     elif workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))
+    lock = None
     try:
+        # one run per output: a second one is refused (OutputLockedError) before it scans
+        lock = out.lock()
         (lengths, is_left), ranges, varints, pads = _scan(job, pool, show)
         pad_value = _check_pad_values(spec, pads, source)
         encodings = _encodings(source, spec, out_names, ranges, int_encoding, lengths, varints, pad_value)
@@ -242,11 +245,14 @@ def reshard(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             pool = None
-        out.remove_temporaries()
+        if lock is not None:  # refused: the temporaries are the running holder's
+            out.remove_temporaries()
         raise
     finally:
         if pool is not None:
             pool.shutdown()
+        if lock is not None:
+            lock.release()
 
 
 def _pool_context():

@@ -32,6 +32,12 @@ have yielded next (see ``dlpipe.loaders.torch_state``). With ``stateful=True`` t
 torchdata's ``StatefulDataLoader``, which saves ``ShardIterableDataset.state_dict()`` per worker.
 Either way, resuming needs the same batch size, shuffle, seed, world size and number of workers.
 
+**A dead worker** (SIGKILL, a crash) ends the epoch with ``LoaderWorkerError`` (which worker,
+its pid, the signal) within seconds, never a hang; the other workers are stopped, and
+``load_state_dict(loader.state_dict())`` continues the epoch exactly (``torch_state``).
+``timeout=`` (seconds, as the DataLoader's) also turns a worker that sends nothing that long
+into ``LoaderWorkerError``.
+
 **Object storage.** ``ds`` may come from ``load_dataset("s3://...", storage_options=...)``: each
 process (main or worker) opens its own filesystem and reads its windows with range requests,
 fetching the next ones on background threads while it pads the current one (bounded by the
@@ -74,6 +80,7 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
     STATE_VERSION,
     DlpipeDataLoader,
+    LoaderWorkerError,
     WorkerError,
     numpy_to_tensors,
     resume_point,
@@ -86,7 +93,13 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
 PIPE_BYTES = 1 << 20
 BUCKET_WINDOW_BATCHES = 64  # records grouped by length bucket come from windows of this many batches
 
-__all__ = ["DlpipeDataLoader", "ShardIterableDataset", "resolve_world", "to_torch_dataloader"]
+__all__ = [
+    "DlpipeDataLoader",
+    "LoaderWorkerError",
+    "ShardIterableDataset",
+    "resolve_world",
+    "to_torch_dataloader",
+]
 
 
 def resolve_world(world_size: int | None = None, rank: int | None = None) -> tuple[int, int]:
@@ -399,6 +412,7 @@ def to_torch_dataloader(
     seed: int | None = None,
     stateful: bool = False,
     return_attention_mask: bool = True,
+    timeout: float = 0,
 ):
     """A DataLoader of padded batches of ``ds`` (see the module docstring).
 
@@ -409,17 +423,22 @@ def to_torch_dataloader(
     column; each batch is padded to the smallest boundary that fits (records are grouped by
     bucket within a window). Returns a ``DlpipeDataLoader``, or with ``stateful=True`` a
     torchdata ``StatefulDataLoader`` subclass; both have ``set_epoch``, ``state_dict`` and
-    ``load_state_dict``.
+    ``load_state_dict``. A worker that dies, or with ``timeout`` > 0 sends no batch for that many
+    seconds, ends the epoch with ``LoaderWorkerError``.
     """
     require("torch", "to_torch_dataloader")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"num_workers={num_workers!r}; must be an int >= 0")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ConfigError(f"timeout={timeout!r}; must be a number of seconds >= 0 (0: wait forever)")
     if num_workers == 0 and (prefetch_factor is not None or persistent_workers):
         raise ConfigError(
             "prefetch_factor and persistent_workers need num_workers > 0 "
             f"(got num_workers=0, prefetch_factor={prefetch_factor}, "
             f"persistent_workers={persistent_workers})"
         )
+    if num_workers == 0 and timeout:
+        raise ConfigError(f"timeout={timeout!r} needs num_workers > 0 (it bounds the wait for workers)")
     ds = ds.with_shuffle(shuffle, seed)
     dataset = ShardIterableDataset(
         ds,
@@ -442,6 +461,8 @@ def to_torch_dataloader(
     }
     if prefetch_factor is not None:
         kwargs["prefetch_factor"] = prefetch_factor
+    if timeout:
+        kwargs["timeout"] = float(timeout)
     if stateful:
         return stateful_loader_class()(dataset, **kwargs)
     return DlpipeDataLoader(dataset, **kwargs)

@@ -10,10 +10,26 @@ and reorder batches).
 
 ``DlpipeStatefulDataLoader`` is torchdata's ``StatefulDataLoader``, which instead asks every
 worker's dataset copy for its ``state_dict`` and restores each worker itself.
+
+**A worker that dies** (SIGKILL from the out-of-memory killer, a crash in native code) ends the
+epoch with ``LoaderWorkerError`` naming the worker, its pid and the signal, in bounded time: the
+iterator stops the other workers and the loader starts fresh ones on the next iteration. The
+batches the user received are all counted, so ``loader.state_dict()`` taken after the error (or
+any earlier one) resumes exactly. In the main thread PyTorch's SIGCHLD handler raises at once,
+wherever the program is (dlpipe's handler, chained to it, raises ``LoaderWorkerError``
+instead). Elsewhere PyTorch checks its workers every ``MP_STATUS_CHECK_INTERVAL`` (5 s) of
+waiting, but a worker killed halfway through writing a batch into the result pipe leaves a
+partial message that the reader would wait on forever: a watchdog thread (``_Watchdog``)
+unblocks a ``next()`` that has waited a second while a worker is dead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +112,167 @@ class WorkerError:
             del err
 
 
+class LoaderWorkerError(DlpipeError, RuntimeError):
+    """A DataLoader worker process died, or (with ``timeout=``) sent no batch in time.
+
+    Raised by dlpipe's PyTorch loaders instead of PyTorch's "DataLoader worker (pid(s) N) exited
+    unexpectedly"; the loader's other workers are stopped by then. ``worker_id``, ``pid`` and
+    ``exitcode`` (negative: the signal number) say which worker; ``epoch`` and
+    ``batches_yielded`` where the epoch stopped. A RuntimeError too, so code that catches
+    PyTorch's error still catches it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker_id: int | None = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        epoch: int | None = None,
+        batches_yielded: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.pid = pid
+        self.exitcode = exitcode
+        self.epoch = epoch
+        self.batches_yielded = batches_yielded
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def stop_workers(inner: Any) -> None:
+    """Stop a failed multiprocessing iterator's workers now: SIGKILL the survivors (one may wait
+    forever for a lock its dead sibling held), then let PyTorch close the queues. Their pids leave
+    PyTorch's SIGCHLD registry first, so these deaths raise nothing in the main thread."""
+    workers = list(getattr(inner, "_workers", None) or [])
+    if getattr(inner, "_worker_pids_set", False):
+        try:
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(inner))
+            inner._worker_pids_set = False
+        except Exception:  # another torch layout: its shutdown removes them itself
+            pass
+    for w in workers:
+        if w.exitcode is None:
+            w.kill()
+    for w in workers:
+        w.join(timeout=5)
+    shutdown = getattr(inner, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+RESCUE_AFTER_S = 1.0  # a next() waiting this long while a worker is dead is unblocked (_Watchdog)
+
+
+class _Watchdog:
+    """One daemon thread per process that watches the live multi-worker ``LoaderIterator``s.
+
+    A worker killed while writing a batch into the shared result pipe (a batch of more than
+    4 KiB, i.e. more than the kernel writes atomically, into a full pipe) leaves part of a
+    message there. The reader then blocks in ``recv`` for bytes that never come: in the main
+    thread PyTorch's SIGCHLD handler interrupts it, in any other thread nothing does, and its
+    5-second worker check never runs. When a ``next()`` has waited ``RESCUE_AFTER_S`` while one
+    of its workers is dead, this thread writes zeros into the pipe (the main process holds its
+    write end) until the reader returns: the completed message fails to unpickle and PyTorch's
+    own check reports the dead worker, which ``LoaderIterator`` turns into ``LoaderWorkerError``.
+    The thread exits when no iterator is left to watch.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: weakref.WeakSet[LoaderIterator] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, it: LoaderIterator) -> None:
+        with self._lock:
+            self._watched.add(it)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="dlpipe-loader-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def dead_worker_error(self) -> LoaderWorkerError | None:
+        """The error for a dead worker of a watched iterator (for the SIGCHLD handler)."""
+        for _ in range(3):  # a weakref callback may drop an entry while the set is copied
+            try:
+                watched = list(self._watched)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return None
+        for it in watched:
+            dead = it._dead_workers(needed_only=True)
+            if dead:
+                return it._describe(dead, "the epoch cannot go on")
+        return None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(RESCUE_AFTER_S / 2)
+            with self._lock:
+                watched = list(self._watched)
+                if not watched:
+                    self._thread = None
+                    return
+            for it in watched:
+                # never let the watchdog die over one iterator; the 5 s check still runs
+                with contextlib.suppress(Exception):
+                    it._rescue_if_stuck()
+            del watched, it
+
+
+_WATCHDOG = _Watchdog()
+_SIGCHLD_CHAINED = False
+
+
+def _chain_sigchld_handler() -> None:
+    """Put dlpipe's message on PyTorch's SIGCHLD error.
+
+    PyTorch's handler (installed by the first multi-worker iterator made in the main thread)
+    raises "DataLoader worker (pid N) is killed by signal: Killed." wherever the main thread is
+    when a worker dies, usually in the training step. dlpipe's handler calls it and, when the
+    dead worker is one of a dlpipe loader's, raises ``LoaderWorkerError`` from it instead, with
+    the epoch, the batch count and how to resume. Installed once, in the main thread, over a
+    callable handler only; other deaths pass through unchanged.
+    """
+    global _SIGCHLD_CHAINED
+    if _SIGCHLD_CHAINED or threading.current_thread() is not threading.main_thread():
+        return
+    if not hasattr(signal, "SIGCHLD"):
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    if not callable(previous):
+        return
+    _SIGCHLD_CHAINED = True
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            previous(signum, frame)
+        except RuntimeError as e:
+            failure = _WATCHDOG.dead_worker_error()
+            if failure is None:
+                raise
+            try:
+                raise failure from e
+            finally:
+                del failure
+
+    signal.signal(signal.SIGCHLD, handler)
+
+
 def numpy_to_tensors(batch: dict[str, Any], pin: bool = False) -> dict[str, Any]:
     """The numpy arrays of a dict batch as tensors (zero copy unless pinned)."""
     out = {}
@@ -113,10 +290,18 @@ def identity(batch: Any) -> Any:
     return batch
 
 
+_RESUME = (
+    "To continue exactly where it stopped: loader.load_state_dict(loader.state_dict()) (the "
+    "state counts every batch you received; an earlier saved state_dict works too), then iterate "
+    "again"
+)
+
+
 class LoaderIterator:
     """Wraps a DataLoader iterator: re-raises worker errors, makes tensors of numpy batches sent
-    by workers, and tells ``on_batch`` about each batch as the user receives it (``len`` is kept,
-    so progress bars still work)."""
+    by workers, turns a dead worker into ``LoaderWorkerError`` (after stopping the others), and
+    tells ``on_batch`` about each batch as the user receives it (``len`` is kept, so progress
+    bars still work)."""
 
     def __init__(
         self,
@@ -125,11 +310,22 @@ class LoaderIterator:
         *,
         pin_memory: bool = False,
         on_batch: Callable[[LoaderIterator], None] | None = None,
+        on_failure: Callable[[Any], None] | None = None,
+        epoch: int = 0,
+        first: int = 0,
     ) -> None:
         self._inner = inner
         self._len = length
         self._pin = pin_memory and torch.cuda.is_available()
         self._on_batch = on_batch
+        self._on_failure = on_failure
+        self._epoch = epoch
+        self._yielded = first  # batches of the epoch handed out, counting a resumed start
+        self._waiting: float | None = None  # since when a next() waits for the DataLoader
+        self._rescued = False
+        if getattr(inner, "_workers", None):
+            _WATCHDOG.watch(self)
+            _chain_sigchld_handler()
 
     def __iter__(self) -> LoaderIterator:
         return self
@@ -137,16 +333,119 @@ class LoaderIterator:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """The pids of this iterator's DataLoader worker processes ([] without workers)."""
+        return [w.pid for w in getattr(self._inner, "_workers", None) or []]
+
     def __next__(self) -> Any:
-        batch = next(self._inner)
-        if isinstance(batch, dict):
-            batch = numpy_to_tensors(batch, self._pin)
-        elif isinstance(batch, WorkerError):
-            error, batch = batch, None
-            error.reraise()
+        self._waiting = time.monotonic()
+        try:
+            batch = next(self._inner)
+            if isinstance(batch, dict):
+                batch = numpy_to_tensors(batch, self._pin)
+            elif isinstance(batch, WorkerError):
+                error, batch = batch, None
+                error.reraise()
+        except RuntimeError as e:
+            failure = self._worker_failure(e)
+            if failure is None:
+                raise
+            try:
+                raise failure from e
+            finally:
+                del failure  # no frame of the traceback may hold it (see WorkerError.reraise)
+        finally:
+            self._waiting = None
+        self._yielded += 1
         if self._on_batch is not None:
             self._on_batch(self)
         return batch
+
+    def _worker_failure(self, error: RuntimeError) -> LoaderWorkerError | None:
+        """LoaderWorkerError when ``error`` came from a dead (or, on timeout, silent) worker;
+        the workers are stopped first. None for any other RuntimeError."""
+        dead = self._dead_workers()
+        timed_out = str(error).startswith("DataLoader timed out")
+        if not dead and not timed_out:
+            return None
+        stop_workers(self._inner)
+        self._inner._dlpipe_failed = True
+        if self._on_failure is not None:
+            self._on_failure(self._inner)
+        if dead:
+            return self._describe(dead, "the loader stopped its other workers")
+        pids = ", ".join(str(p) for p in self.worker_pids)
+        return LoaderWorkerError(
+            f"{error} {self._where()}: the workers (pids {pids}) were alive but sent no batch; "
+            f"the loader stopped them. {_RESUME}",
+            epoch=self._epoch,
+            batches_yielded=self._yielded,
+        )
+
+    def _dead_workers(self, needed_only: bool = False) -> list[tuple[int, Any]]:
+        """Workers that died, or exited while this iterator still needed them. A worker whose
+        share of the epoch is done is told to exit (code 0) while the others go on: not dead.
+        ``needed_only``: only those PyTorch still waits for (it stops waiting for a dead one
+        once it has noticed it)."""
+        if getattr(self._inner, "_shutdown", False) or getattr(self._inner, "_dlpipe_failed", False):
+            return []  # stopped on purpose (end of an epoch, a failure already reported)
+        workers = getattr(self._inner, "_workers", None) or []
+        status = getattr(self._inner, "_workers_status", None) or []
+        needed = [i < len(status) and bool(status[i]) for i in range(len(workers))]
+        return [
+            (i, w)
+            for i, w in enumerate(workers)
+            if w.exitcode is not None and (needed[i] or (not needed_only and w.exitcode != 0))
+        ]
+
+    def _where(self) -> str:
+        return f"in epoch {self._epoch} after the loader had yielded {self._yielded} of its {self._len} batches"
+
+    def _describe(self, dead: list[tuple[int, Any]], then: str) -> LoaderWorkerError:
+        worker_id, w = dead[0]
+        others = f" (also dead: pids {', '.join(str(o.pid) for _, o in dead[1:])})" if dead[1:] else ""
+        message = (
+            f"DataLoader worker {worker_id} (pid {w.pid}) {_how_it_ended(w.exitcode)} "
+            f"{self._where()}{others}; {then}. {_RESUME}"
+        )
+        if w.exitcode == -signal.SIGKILL:
+            message += (
+                " (SIGKILL often comes from the out-of-memory killer: see dmesg; fewer workers "
+                "or a smaller prefetch_factor or batch_size need less memory)"
+            )
+        return LoaderWorkerError(
+            message,
+            worker_id=worker_id,
+            pid=w.pid,
+            exitcode=w.exitcode,
+            epoch=self._epoch,
+            batches_yielded=self._yielded,
+        )
+
+    def _rescue_if_stuck(self) -> None:
+        """Called by the watchdog: unblock a next() stuck on a dead worker's partial message."""
+        since = self._waiting
+        if self._rescued or since is None or time.monotonic() - since < RESCUE_AFTER_S:
+            return
+        if not self._dead_workers(needed_only=True):
+            return  # (a dead worker PyTorch no longer waits for cannot block the reader)
+        queue = getattr(self._inner, "_worker_result_queue", None)
+        writer = getattr(queue, "_writer", None)
+        if writer is None or writer.closed:
+            return
+        self._rescued = True
+        fd = writer.fileno()
+        os.set_blocking(fd, False)  # the epoch is lost anyway: its workers get stopped
+        zeros = bytes(1 << 16)
+        deadline = time.monotonic() + 60
+        while self._waiting is not None and time.monotonic() < deadline:
+            try:
+                os.write(fd, zeros)
+            except BlockingIOError:  # the pipe is full: the reader has yet to take some
+                time.sleep(0.01)
+            except OSError:
+                return
 
 
 class DlpipeDataLoader(DataLoader):
@@ -182,10 +481,20 @@ class DlpipeDataLoader(DataLoader):
         inner = super().__iter__()
         self.dataset._resume = None  # workers (or the main-process iterator) took their copy
         it = LoaderIterator(
-            inner, len(self.dataset), pin_memory=self.pin_memory, on_batch=self._count
+            inner,
+            len(self.dataset),
+            pin_memory=self.pin_memory,
+            on_batch=self._count,
+            on_failure=self._worker_failed,
+            epoch=self.dataset.epoch,
+            first=self._batches_yielded,
         )
         self._active = weakref.ref(it)
         return it
+
+    def _worker_failed(self, inner: Any) -> None:
+        if self._iterator is inner:  # persistent workers: the next iteration starts new ones
+            self._iterator = None
 
     def _count(self, it: LoaderIterator) -> None:
         if (
@@ -241,8 +550,16 @@ def stateful_loader_class() -> type:
                 self.dataset.set_epoch(epoch)
 
             def __iter__(self) -> LoaderIterator:  # type: ignore[override]
+                if getattr(self._iterator, "_dlpipe_failed", False):
+                    # its workers are gone: start new ones (load_state_dict first to resume)
+                    self._iterator = None
+                inner = super().__iter__()
                 return LoaderIterator(
-                    super().__iter__(), len(self.dataset), pin_memory=self.pin_memory
+                    inner,
+                    len(self.dataset),
+                    pin_memory=self.pin_memory,
+                    epoch=self.dataset.epoch,
+                    first=getattr(inner, "_num_yielded", 0),
                 )
 
         _STATEFUL = DlpipeStatefulDataLoader
