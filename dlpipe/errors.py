@@ -5,7 +5,9 @@
     ├── FormatError                      input data is malformed (carries path and offset)
     │   └── PaddingError                 padding cannot be found, or lengths are ambiguous
     ├── OutputError                      the output location cannot be used as asked
+    │   └── OutputLockedError            another reshard is writing there
     ├── VerifyError                      written shards disagree with their manifest
+    ├── LoaderWorkerError(RuntimeError)  a DataLoader worker died or sent nothing in time
     └── MissingDependencyError(ImportError)  an optional extra is not installed
 
 The CLI turns any DlpipeError into one line on stderr and exit code 1.
@@ -14,13 +16,17 @@ The CLI turns any DlpipeError into one line on stderr and exit code 1.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "ConfigError",
     "DlpipeError",
     "FormatError",
+    "LoaderWorkerError",
     "MissingDependencyError",
     "OutputError",
+    "OutputLockedError",
     "PaddingError",
     "VerifyError",
 ]
@@ -82,6 +88,43 @@ class PaddingError(FormatError):
 class OutputError(DlpipeError):
     """The output location cannot be used: it exists with other content, is not writable, is full."""
 
+
+
+class OutputLockedError(OutputError):
+    """Another reshard is writing to the same output; ``holder`` is what it recorded about
+    itself (host, pid, start time; {} when unknown)."""
+
+    def __init__(self, message: str, holder: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.holder = dict(holder or {})
+
+
+class LoaderWorkerError(DlpipeError, RuntimeError):
+    """A DataLoader worker process died, or (with ``timeout=``) sent no batch in time.
+
+    Raised by dlpipe's PyTorch loaders instead of PyTorch's "DataLoader worker (pid(s) N) exited
+    unexpectedly"; the loader's other workers are stopped by then. ``worker_id``, ``pid`` and
+    ``exitcode`` (negative: the signal number) say which worker; ``epoch`` and
+    ``batches_yielded`` where the epoch stopped. A RuntimeError too, so code that catches
+    PyTorch's error still catches it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker_id: int | None = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        epoch: int | None = None,
+        batches_yielded: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.pid = pid
+        self.exitcode = exitcode
+        self.epoch = epoch
+        self.batches_yielded = batches_yielded
 
 class VerifyError(DlpipeError):
     """Shards on disk disagree with their manifest (CRC, counts or checksums)."""

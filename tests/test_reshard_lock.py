@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 import dlpipe
 from dlpipe.cli import main
-from dlpipe.errors import ConfigError, OutputError
-from dlpipe.output_dir import LOCK_FILE, REMOTE_LOCK, OutputDir, OutputLockedError
+from dlpipe.errors import ConfigError, OutputError, OutputLockedError
+from dlpipe.output_dir import OutputDir
+from dlpipe.output_lock import LOCK_FILE, REMOTE_LOCK
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock and SIGKILL are POSIX")
 
@@ -235,9 +236,9 @@ def test_remote_lock_object(s3_server, npy_corpus, monkeypatch):
     assert summary.num_shards == 2 and not lock_obj.exists()
 
     # the holder's heartbeat moves while it runs
-    import dlpipe.output_dir as output_dir
+    import dlpipe.output_lock as output_lock
 
-    monkeypatch.setattr(output_dir, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(output_lock, "HEARTBEAT_S", 0.05)
     with OutputDir(url, so).lock():
         first = json.loads(lock_obj.read_bytes())["heartbeat"]
         deadline = time.monotonic() + 30
