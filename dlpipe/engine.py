@@ -185,7 +185,7 @@ def reshard(
     job = _Job(source, spec, format, compression, out, chunk_rows, workers)
     pool = None
     if engine == "ray":
-        pool = RayExecutor(job, address=ray_address)
+        pool = RayExecutor(initializer=_init_worker, initargs=(job,), address=ray_address)
     elif workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(job,))
     lock = None

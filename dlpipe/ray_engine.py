@@ -73,28 +73,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _run_task(job_box: list, fn: Callable, arg):
-    """One task on a Ray worker: load the job once per worker (the box keeps Ray from
-    resolving the reference for every task), then run the engine's function."""
+def _run_task(setup_box: list, fn: Callable, arg):
+    """One task on a Ray worker: run the executor's initializer once per worker and setup (the
+    box keeps Ray from resolving the reference for every task), then the function."""
     global _WORKER_JOB
-    from dlpipe import engine
-
-    (ref,) = job_box
+    initializer, ref = setup_box
     if ref.hex() != _WORKER_JOB:
         import ray
 
-        engine._init_worker(ray.get(ref))
+        initializer(*ray.get(ref))
         _WORKER_JOB = ref.hex()
     return fn(arg)
 
 
 class RayExecutor:
-    """``map``/``shutdown`` like ``concurrent.futures.Executor``, on Ray tasks."""
+    """``map``/``shutdown`` like ``concurrent.futures.Executor``, on Ray tasks; ``initializer``
+    runs with ``initargs`` once in each worker before its first task, as in
+    ``ProcessPoolExecutor``."""
 
-    def __init__(self, job, *, address: str | None = None, max_retries: int = 3) -> None:
+    def __init__(self, *, initializer: Callable, initargs: tuple = (), address: str | None = None,
+                 max_retries: int = 3) -> None:
         self._ray = require("ray", "--engine ray")
         connect(address)
-        self._job = [self._ray.put(job)]
+        self._job = [initializer, self._ray.put(initargs)]
         self._max_retries = max_retries
         self._task = self._ray.remote(max_retries=max_retries, retry_exceptions=False)(_run_task)
         self._pending: set = set()

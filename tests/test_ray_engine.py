@@ -89,9 +89,9 @@ def test_padding_error_in_a_scan_task_comes_back_unwrapped(ray_cluster, tmp_path
 def test_executor_order_and_exhausted_retries(ray_cluster):
     from dlpipe.ray_engine import RayExecutor
 
-    pool = RayExecutor(None)
+    pool = RayExecutor(initializer=abs, initargs=(0,))
     assert list(pool.map(abs, [-3, 1, -2, 0])) == [3, 1, 2, 0]
-    crashing = RayExecutor(None, max_retries=0)
+    crashing = RayExecutor(initializer=abs, initargs=(0,), max_retries=0)
     with pytest.raises(DlpipeError, match=r"Ray task _exit failed after 0 retries .*rerun to resume"):
         list(crashing.map(os._exit, [3]))  # the worker process exits: a system failure
     crashing.shutdown(cancel_futures=True)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,7 +64,6 @@ from dlpipe.errors import ConfigError, DlpipeError
 torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
-from dlpipe.dataset import ShardDataset  # noqa: E402
 from dlpipe.loaders.common import (  # noqa: E402
     UNEVEN,
     Ragged,
@@ -86,6 +85,9 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
     resume_point,
     stateful_loader_class,
 )
+
+if TYPE_CHECKING:
+    from dlpipe.dataset import ShardDataset
 
 # A worker sends a batch up to this size as numpy arrays, pickled through the result pipe: for
 # small batches that is ~8x faster than tensors, each of which PyTorch moves into its own
