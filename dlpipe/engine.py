@@ -30,6 +30,7 @@ from dlpipe._failpoints import failpoint
 from dlpipe._units import format_bytes, parse_size
 from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding, varint_bytes_total
 from dlpipe.errors import ConfigError, DlpipeError, OutputError, PaddingError
+from dlpipe.formats import deflate
 from dlpipe.formats.packing import flat_rows, steps, varint_size
 from dlpipe.formats.tfrecord import index_lines, open_compressed_writer
 from dlpipe.manifest import ShardInfo, build_manifest
@@ -87,6 +88,7 @@ class _Job:
     output: OutputDir
     chunk_rows: int
     workers: int = 1
+    deflate: dict | None = None  # the driver's codec identity (gzip/zlib): every worker must match it
 
 
 _JOB: _Job | None = None
@@ -182,7 +184,11 @@ def reshard(
         from dlpipe.ray_engine import RayExecutor, connect
 
         workers = connect(ray_address)  # the cluster's CPUs decide how finely the scan is cut
-    job = _Job(source, spec, format, compression, out, chunk_rows, workers)
+    # the deflate implementation decides a compressed shard's bytes: chosen once, recorded in the
+    # plan (a rerun with another install is a different plan), and checked in every worker
+    codec = deflate.codec() if compression else None
+    job = _Job(source, spec, format, compression, out, chunk_rows, workers,
+               codec.identity() if codec else None)
     pool = None
     if engine == "ray":
         pool = RayExecutor(initializer=_init_worker, initargs=(job,), address=ray_address)
@@ -209,6 +215,7 @@ def reshard(
             "splits": fractions, "balance_by": balance_by, "int_encoding": int_encoding,
             "padding": {k: v for k, v in asdict(spec).items() if k != "dropped"} | {"dropped": list(spec.dropped)},
             "shards": [[t.split, t.start, t.stop] for t in tasks],
+            **({"deflate": job.deflate} if job.deflate else {}),
         }
         plan_hash = _hash({"plan": plan, "source": source.fingerprint(), "format": format,
                            "compression": compression, "columns": {k: e.to_json() for k, e in encodings.items()}})
@@ -467,6 +474,17 @@ class _HashingWriter:
         self._f.flush()
 
 
+def _worker_codec(job: _Job) -> deflate.Codec | None:
+    """The driver's deflate codec, here; refused if this worker would write other bytes."""
+    if not job.deflate:
+        return None
+    codec = deflate.codec(job.deflate["implementation"])
+    if codec.identity() != job.deflate:
+        raise ConfigError(f"this worker's {codec.name} deflate ({codec.identity()}) differs from the driver's "
+                          f"({job.deflate}); install the same version everywhere, or set DLPIPE_DEFLATE=zlib")
+    return codec
+
+
 def _write_shard_task(args) -> ShardInfo:
     task, rows, encodings, task_lengths, task_left = args
     job = _JOB
@@ -474,7 +492,7 @@ def _write_shard_task(args) -> ShardInfo:
         tokens, offset = 0, 0
         with job.output.shard_files(task.filename) as (raw, index_file):
             hashed = _HashingWriter(raw)
-            out = open_compressed_writer(hashed, job.compression)
+            out = open_compressed_writer(hashed, job.compression, _worker_codec(job))
             for where, ids, chunk in _batches(job, rows):
                 lengths = task_lengths[where].astype(np.int64)
                 is_left = np.full(len(lengths), job.spec.side == "left") if task_left is None else task_left[where]

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dlpipe
-from dlpipe.errors import ConfigError, FormatError
+from dlpipe.errors import ConfigError, FormatError, OutputError
 from dlpipe.formats import deflate, tfrecord
 from dlpipe.formats.deflate import DeflateWriter
 from dlpipe.manifest import load_manifest
@@ -192,6 +192,20 @@ def test_the_two_codecs_write_different_bytes_of_the_same_stream(monkeypatch, co
         assert a.read_bytes() != b.read_bytes()
         assert gzip.decompress(a.read_bytes()) == gzip.decompress(b.read_bytes())
         assert a.read_bytes()[:10] == b.read_bytes()[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+
+@needs_isal
+def test_the_codec_is_part_of_the_plan(monkeypatch, corpus, tmp_path):
+    """A rerun with another deflate install never mixes its shards with the first run's."""
+    monkeypatch.setenv(deflate.ENV, "isal")
+    reshard(corpus, tmp_path / "out", format="webdataset", compression="gzip")
+    plan = load_manifest(tmp_path / "out").raw["dlpipe"]["plan"]
+    assert plan["deflate"] == deflate.codec("isal").identity()
+    monkeypatch.setenv(deflate.ENV, "zlib")
+    with pytest.raises(OutputError, match="--overwrite"):
+        reshard(corpus, tmp_path / "out", format="webdataset", compression="gzip")
+    reshard(corpus, tmp_path / "none", format="tfrecord", compression="none")
+    assert "deflate" not in load_manifest(tmp_path / "none").raw["dlpipe"]["plan"]  # no codec, no change
 
 
 # --- reading -----------------------------------------------------------------------------------
