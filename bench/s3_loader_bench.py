@@ -14,7 +14,18 @@ Contenders: ``to_torch_dataloader`` with 0 and 2 workers and ``to_tf_dataset``, 
 reader, see ``dlpipe.loaders.tf_remote``) and ``s3-cache`` (shards fetched once into a cache
 directory, then read as local files; the fill is timed once, before the rounds).
 
-    python bench/s3_loader_bench.py [--records 200000] [--repeat 3]
+Transient faults: each loader also reads whole epochs through two HTTP proxies in front of the
+same server (``fault_proxy.py``, run by the parent process): one that only forwards (*clean*) and
+one that answers a seeded ``--fault-rate`` of the requests (default 1%, half 503 SlowDown, half
+connections reset mid-body) with a fault (*faults*), which dlpipe's storage layer retries with
+its default policy. One range request per shuffle window (``request_bytes=0``), so that an epoch
+makes a few hundred requests; ``--fault-epochs`` epochs per run, each counted (records) and
+hashed (every batch, in order): nothing lost or repeated means every epoch of the *faults* runs
+has the same count and digest as the same epoch of the *clean* runs. ``--fault-latency-ms``
+(default ``0,25``): the proxies also hold every request that long, as a far endpoint would (a
+loopback server answers in about a millisecond, which makes any retry pause look large).
+
+    python bench/s3_loader_bench.py [--records 200000] [--repeat 3] [--fault-rate 0.01]
     python bench/s3_loader_bench.py --render-only
 
 PyTorch and TF run in separate child processes, as in ``loader_bench.py``. This is a benchmark,
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -38,8 +50,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from corpus import PAD_ID, build_corpus
-from loader_bench import one_run
+from fault_proxy import FaultProxy
+from fault_proxy import stats as proxy_stats
+from loader_bench import one_run, tree_cpu_seconds
 from machine import machine_info
 from results_io import record
 
@@ -94,6 +109,74 @@ def fill_cache(endpoint: str, cache: str) -> dict[str, float]:
     return {"seconds": round(seconds, 3), "bytes": size, "mb_per_s": round(size / seconds / 1e6, 1)}
 
 
+def _arrays(obj: Any) -> Iterable[np.ndarray]:
+    """The arrays of a batch, in a fixed order (dicts, tuples, torch and TF tensors, ragged)."""
+    if isinstance(obj, dict):
+        for k in sorted(obj):
+            yield from _arrays(obj[k])
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _arrays(v)
+    elif hasattr(obj, "flat_values"):  # tf.RaggedTensor
+        yield from _arrays(obj.flat_values)
+        yield from _arrays(obj.row_splits)
+    else:
+        yield obj.numpy() if hasattr(obj, "numpy") else np.asarray(obj)
+
+
+def fault_epochs(loader: str, endpoint: str, epochs: int) -> dict[str, Any]:
+    """``epochs`` full epochs of a fresh loader reading through ``endpoint``: samples, seconds,
+    and per epoch the record count and a digest of every batch in order."""
+    import dlpipe
+
+    t0 = time.perf_counter()
+    ds = dlpipe.load_dataset(REMOTE, storage_options=storage_options(endpoint), request_bytes=0)
+    if loader == "tf":
+        made = ds.to_tf_dataset(batch_size=256, columns=["input_ids"], label_cols=["labels"], shuffle=True, seed=0)
+    else:
+        made = ds.to_torch_dataloader(batch_size=256, shuffle=True, seed=0,
+                                      num_workers=int(loader.removeprefix("torch-w")))
+    setup = time.perf_counter() - t0
+    seconds, counts, digests = 0.0, [], []
+    cpu0 = tree_cpu_seconds()
+    for epoch in range(epochs):
+        if hasattr(made, "set_epoch"):
+            made.set_epoch(epoch)
+        h, n = hashlib.sha1(), 0
+        t = time.perf_counter()
+        for batch in made:
+            arrays = list(_arrays(batch))
+            n += len(arrays[0])
+            for a in arrays:
+                h.update(np.ascontiguousarray(a).data)
+        seconds += time.perf_counter() - t
+        counts.append(n)
+        digests.append(h.hexdigest())
+    return {"samples": sum(counts), "seconds": seconds, "setup_seconds": setup, "epoch_records": counts,
+            "epoch_digests": digests, "own_cpu_per_s": (tree_cpu_seconds() - cpu0) / seconds}
+
+
+def fault_runs(args: argparse.Namespace, side: str) -> dict[str, list[dict[str, Any]]]:
+    """For each added latency and each of this side's loaders, ``--repeat`` rounds of: a clean
+    run, a run through the faults (``--fault-epochs`` epochs each), with the proxy's counters."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    loaders = [lo for lo, s in LOADERS.items() if s == side]
+    pairs = zip(args.fault_latency_ms, args.clean_endpoint.split(","), args.fault_endpoint.split(","))
+    for latency, clean, faulty in pairs:
+        for r in range(args.repeat):
+            for lo in loaders:
+                for kind, endpoint in (("clean", clean), ("faults", faulty)):
+                    before = proxy_stats(endpoint)
+                    run = fault_epochs(lo, endpoint, args.fault_epochs)
+                    after = proxy_stats(endpoint)
+                    run["proxy"] = {k: after[k] - before[k] for k in after}
+                    runs.setdefault(f"{latency}|{lo}|{kind}", []).append(run)
+                    print(f"  +{latency} ms {lo} {kind} #{r + 1}: {run['samples'] / run['seconds']:>10,.0f} samples/s"
+                          f"  {run['proxy']['requests']} requests, {run['proxy']['slowdown']} 503s, "
+                          f"{run['proxy']['reset']} resets; records per epoch {run['epoch_records']}", flush=True)
+    return runs
+
+
 def side_main(args: argparse.Namespace) -> int:
     """Child process: time one side's contenders, write rows to ``--side-out``."""
     import logging
@@ -126,7 +209,17 @@ def side_main(args: argparse.Namespace) -> int:
                       f"CPU own {run['own_cpu_per_s']:.2f} others {run['others_cpu_per_s']:.2f}", flush=True)
     rows = [summarize(lo, src, runs[f"{lo}-{src}"]) for lo, src in names
             if runs[f"{lo}-{src}"] and f"{lo}-{src}" not in failed]
-    args.side_out.write_text(json.dumps({"rows": rows, "failed": failed, "cache_fill": fill}, indent=2) + "\n")
+    faults: dict[str, list[dict[str, Any]]] = {}
+    if args.fault_endpoint:
+        print(f"  transient faults ({args.fault_rate:.1%} of requests), {args.fault_epochs} epochs per run:",
+              flush=True)
+        try:
+            faults = fault_runs(args, args.side)
+        except Exception as exc:  # report it and go on
+            failed[f"faults-{args.side}"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    args.side_out.write_text(json.dumps({"rows": rows, "failed": failed, "cache_fill": fill, "faults": faults},
+                                        indent=2) + "\n")
     return 0
 
 
@@ -170,17 +263,55 @@ def write_and_upload(corpus_dir: Path, out: Path, num_shards: int, server: S3Ser
             "compression": info.compression, "upload_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_side_process(side: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_side_process(side: str, endpoint: str, args: argparse.Namespace,
+                     proxies: list[tuple[FaultProxy, FaultProxy]] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "side.json"
         cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--endpoint", endpoint,
                "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--batches", str(args.batches),
-               "--cache-dir", str(args.cache_dir)]
+               "--cache-dir", str(args.cache_dir), "--fault-epochs", str(args.fault_epochs),
+               "--fault-rate", str(args.fault_rate),
+               "--fault-latency-ms", ",".join(str(ms) for ms in args.fault_latency_ms)]
+        if proxies:
+            cmd += ["--clean-endpoint", ",".join(c.endpoint for c, _ in proxies),
+                    "--fault-endpoint", ",".join(f.endpoint for _, f in proxies)]
         rc = subprocess.run(cmd, check=False).returncode
         if out.is_file():
             return json.loads(out.read_text())
     return {"rows": [], "failed": {side: f"the {side} process exited with {rc} before writing results"},
-            "cache_fill": None}
+            "cache_fill": None, "faults": {}}
+
+
+def fault_summary(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per loader: clean and faulty samples/s (median of the rounds), their ratio, the faults
+    met, and whether every faulty epoch matched the clean epoch (count and digest)."""
+    out = []
+    for latency, loader in sorted({(int(k.split("|")[0]), k.split("|")[1]) for k in runs},
+                                  key=lambda x: (x[0], list(LOADERS).index(x[1]))):
+        clean, faulty = runs.get(f"{latency}|{loader}|clean"), runs.get(f"{latency}|{loader}|faults")
+        if not clean or not faulty:
+            continue
+        rate = {k: [r["samples"] / r["seconds"] for r in v] for k, v in (("clean", clean), ("faults", faulty))}
+        want = (clean[0]["epoch_records"], clean[0]["epoch_digests"])
+        exact = all((r["epoch_records"], r["epoch_digests"]) == want for r in clean + faulty)
+        met = {k: sum(r["proxy"][k] for r in faulty) for k in ("requests", "slowdown", "reset")}
+        out.append({
+            "latency_ms": latency,
+            "loader": loader,
+            "clean_samples_per_s": statistics.median(rate["clean"]),
+            "clean_min_max": [min(rate["clean"]), max(rate["clean"])],
+            "faults_samples_per_s": statistics.median(rate["faults"]),
+            "faults_min_max": [min(rate["faults"]), max(rate["faults"])],
+            # each round's faulty run over its clean run (run back to back), median over rounds:
+            # less sensitive to the machine's load drifting between rounds than a ratio of medians
+            "ratio": statistics.median(f / c for f, c in zip(rate["faults"], rate["clean"])),
+            "requests_per_run": statistics.median(r["proxy"]["requests"] for r in faulty),
+            "faults_met": met,
+            "records_per_epoch": sorted({n for r in clean + faulty for n in r["epoch_records"]}),
+            "nothing_lost_or_repeated": exact,
+            "runs": {"clean": clean, "faults": faulty},
+        })
+    return out
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,20 +331,30 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     corpus = build_corpus(corpus_dir, args.records, args.seed)
     server = S3Server(tempfile.mkdtemp(prefix="dlpipe-moto-"))
     server.start()
+    proxies = []
     try:
         server.make_bucket("dlpipe")
         shards = write_and_upload(corpus_dir, args.cache_dir / "s3-loader-shards" / "tfrecord", args.num_shards,
                                   server)
         print(f"shards: {shards}", flush=True)
+        if args.fault_rate > 0:
+            rates = {"slowdown": args.fault_rate / 2, "reset": args.fault_rate / 2}
+            proxies = [(FaultProxy(server.port, delay=ms / 1000), FaultProxy(server.port, rates, seed=args.seed,
+                                                                             delay=ms / 1000))
+                       for ms in args.fault_latency_ms]
         load_before = os.getloadavg()
-        rows, failed, fills = [], {}, {}
+        rows, failed, fills, fault_rows = [], {}, {}, {}
         for side in ("torch", "tf"):
             print(f"{side} side:", flush=True)
-            got = run_side_process(side, server.endpoint, args)
+            got = run_side_process(side, server.endpoint, args, proxies)
             rows += got["rows"]
             failed |= got["failed"]
             fills[side] = got["cache_fill"]
+            fault_rows |= got.get("faults") or {}
     finally:
+        for pair in proxies:
+            for proxy in pair:
+                proxy.stop()
         server.stop()
     return {
         "benchmark": "s3_loaders",
@@ -228,8 +369,20 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "cache_fill": fills,
         "runs": rows,
         "ratios": ratios(rows),
+        "faults": {"rate": args.fault_rate, "kinds": {"slowdown": args.fault_rate / 2, "reset": args.fault_rate / 2},
+                   "epochs_per_run": args.fault_epochs, "request_bytes": 0, "retry_policy": _retry_policy(),
+                   "latency_ms": args.fault_latency_ms,
+                   "loaders": fault_summary(fault_rows)},
         "failed": failed,
     }
+
+
+def _retry_policy() -> dict[str, Any]:
+    import dataclasses
+
+    from dlpipe.storage import RetryPolicy
+
+    return dataclasses.asdict(RetryPolicy.resolve(None))
 
 
 def _versions() -> dict[str, str | None]:
@@ -305,10 +458,48 @@ def render_markdown(res: dict[str, Any]) -> str:
             lines.append(f"Cache fill ({side} process): {fill['bytes'] / 1e6:.1f} MB in {fill['seconds']:.2f} s"
                          f" ({fill['mb_per_s']:.0f} MB/s).")
     lines.append("")
+    lines += render_faults(res.get("faults"))
     if res.get("failed"):
         lines += ["## Failed", ""] + [f"- `{n}`: {why}" for n, why in res["failed"].items()] + [""]
     lines += ["## Notes", ""] + [f"- {n}" for n in NOTES] + [""]
     return "\n".join(lines)
+
+
+def render_faults(faults: dict[str, Any] | None) -> list[str]:
+    if not faults or not faults.get("loaders"):
+        return []
+    p = faults["retry_policy"]
+    lines = [
+        f"## Transient faults: {faults['rate']:.1%} of requests", "",
+        f"Each loader reads {faults['epochs_per_run']} whole epochs per run (fresh loader, shuffled, one range"
+        " request per window: `request_bytes=0`) through an HTTP proxy in front of the same server: *clean*"
+        " only forwards; *faults* answers a seeded fraction of the requests with 503 SlowDown or resets the"
+        " connection halfway through the body (half each). dlpipe retries with its default policy"
+        f" (attempts {p['attempts']}, base delay {p['base_delay']} s, max delay {p['max_delay']} s, timeout"
+        f" {p['timeout']} s). *Added latency*: both proxies also hold every request that long, as a far"
+        " endpoint would. Median (min–max) of the rounds; *faults ÷ clean*: the median over rounds of each"
+        " faulty run's rate over the clean run just before it; *faults met* sums the faulty runs.", "",
+        "| added latency | loader | clean samples/s | faults samples/s | faults ÷ clean | requests per run |"
+        " faults met (503s, resets) | records per epoch | nothing lost or repeated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in faults["loaders"]:
+        c, f, met = r["clean_min_max"], r["faults_min_max"], r["faults_met"]
+        lines.append(
+            f"| {r.get('latency_ms', 0)} ms | {r['loader']} | {_k(r['clean_samples_per_s'])} ({_k(c[0])}–{_k(c[1])}) |"
+            f" {_k(r['faults_samples_per_s'])}"
+            f" ({_k(f[0])}–{_k(f[1])}) | {r['ratio']:.2f} | {r['requests_per_run']:.0f} |"
+            f" {met['slowdown'] + met['reset']} of {met['requests']} ({met['slowdown']}, {met['reset']}) |"
+            f" {', '.join(f'{n:,}' for n in r['records_per_epoch'])} | {'yes' if r['nothing_lost_or_repeated'] else 'NO'} |")
+    lines += ["", "*Nothing lost or repeated*: every epoch of every run, clean or faulty, has the same record count"
+              " and the same digest of its batches (in order) as the first clean run's same epoch.",
+              "",
+              "What a fault costs: the failed request, s3fs's fixed pause after a failed request (0.1 s; 0.2 s"
+              " after a timeout; s3fs sleeps even when told to try once), dlpipe's backoff (at most"
+              f" {p['base_delay']} s before a first retry, half that on average) and the retried request. The"
+              " other read-ahead threads keep fetching the next windows meanwhile; the loader waits only"
+              " once it reaches the window being retried.", ""]
+    return lines
 
 
 def _k(x: float) -> str:
@@ -329,10 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, default=8, help="shards")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="corpus and shards")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="s3_loaders.json/.md")
+    parser.add_argument("--fault-rate", type=float, default=0.01,
+                        help="fraction of requests given a transient fault in the faults runs (0: none)")
+    parser.add_argument("--fault-epochs", type=int, default=3, help="whole epochs per clean/faults run")
+    parser.add_argument("--fault-latency-ms", type=lambda v: [int(x) for x in v.split(",")], default=[0, 25],
+                        help="latencies the fault proxies add to every request (comma-separated ms)")
     parser.add_argument("--render-only", action="store_true", help="rebuild s3_loaders.md from the .json")
     parser.add_argument("--side", choices=("torch", "tf"), help=argparse.SUPPRESS)
     parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--clean-endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--fault-endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
         return side_main(args)

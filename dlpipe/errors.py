@@ -8,6 +8,7 @@
     │   └── OutputLockedError            another reshard is writing there
     ├── VerifyError                      written shards disagree with their manifest
     ├── LoaderWorkerError(RuntimeError)  a DataLoader worker died or sent nothing in time
+    ├── StorageError(OSError)            a remote call failed on every retry (transient faults)
     └── MissingDependencyError(ImportError)  an optional extra is not installed
 
 The CLI turns any DlpipeError into one line on stderr and exit code 1.
@@ -15,6 +16,7 @@ The CLI turns any DlpipeError into one line on stderr and exit code 1.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +30,7 @@ __all__ = [
     "OutputError",
     "OutputLockedError",
     "PaddingError",
+    "StorageError",
     "VerifyError",
 ]
 
@@ -125,6 +128,23 @@ class LoaderWorkerError(DlpipeError, RuntimeError):
         self.exitcode = exitcode
         self.epoch = epoch
         self.batches_yielded = batches_yielded
+
+
+class StorageError(DlpipeError, OSError):
+    """A remote storage call failed on every attempt with transient faults (throttling, 5xx,
+    resets, timeouts). An OSError too, so callers that turn OSError into their own one-line
+    errors keep doing so; ``url`` is the object, ``attempts`` how many were made."""
+
+    def __init__(self, url: str, message: str, attempts: int = 0) -> None:
+        OSError.__init__(self, errno.EIO, message)
+        self.url, self.attempts = url, attempts
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # survive pickling across worker processes
+        return (type(self), (self.url, self.strerror, self.attempts))
+
 
 class VerifyError(DlpipeError):
     """Shards on disk disagree with their manifest (CRC, counts or checksums)."""

@@ -8,6 +8,23 @@ Credentials and endpoints come from where the filesystem looks for them (the env
 ``~/.aws``, instance metadata) or from ``storage_options`` (as in HF ``datasets``), which on
 the CLI are ``--storage-option key=value``. A Location never prints its options: its repr and
 every error show the URL only.
+
+Transient faults of remote storage (HTTP 500/502/503/504/429/408 answers such as S3's 503
+SlowDown, connections refused or reset, bodies cut short, requests that stall past the timeout)
+are retried here, per Location call, with bounded exponential backoff and full jitter; a range
+read that returns fewer bytes than asked counts as a fault too. Anything else (403, 404, bad
+credentials, invalid requests) fails at once. After the last attempt the call raises one
+``StorageError`` naming the object URL, the number of attempts and the last cause.
+
+The policy (``RetryPolicy``) defaults to 8 attempts, a wait after failure n drawn from
+[0, min(5 s, 0.05 s * 2**(n-1))] (at most 6.35 s of waiting per call in all) and a 15 s timeout
+for connecting or for the next bytes of an answer. It comes from, in increasing precedence: the
+defaults, ``DLPIPE_RETRY_ATTEMPTS``, ``DLPIPE_RETRY_BASE_DELAY``, ``DLPIPE_RETRY_MAX_DELAY``,
+``DLPIPE_RETRY_TIMEOUT``, and the storage option ``dlpipe_retry`` (a dict, or
+``"attempts=3,timeout=5"``; on the CLI ``--storage-option dlpipe_retry.attempts=3``). For
+``s3://`` the layers below are made to try once (s3fs's own retry loop, botocore's retries), so
+that this policy is the one that counts; ``config_kwargs`` given in the storage options
+(``retries``, ``connect_timeout``, ``read_timeout``) still win over what dlpipe sets there.
 """
 
 from __future__ import annotations
@@ -17,16 +34,22 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from dlpipe.errors import ConfigError, DlpipeError, MissingDependencyError
+from dlpipe.errors import ConfigError, DlpipeError, MissingDependencyError, StorageError
+from dlpipe.retry import RETRY_OPTION, RetryPolicy, _cause, _redact, _ShortRead, is_transient
 
-__all__ = ["Location", "is_remote", "parse_storage_options"]
+__all__ = ["Location", "RetryPolicy", "StorageError", "is_remote", "parse_storage_options"]
+
+log = logging.getLogger("dlpipe.storage")
 
 # protocol -> pip extra that brings its fsspec implementation
 _EXTRA = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -65,22 +88,61 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _io(method):
-    """Failures of a remote filesystem call surface as OSError, as local ones do: callers turn
-    OSError into one-line errors, and botocore, gcsfs and aiohttp raise their own types."""
+# -- transient faults -----------------------------------------------------------------------------
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except (OSError, DlpipeError):
-            raise
-        except Exception as e:
+_CALLS = threading.local()  # depth of Location calls on this thread: only the outermost retries
+
+
+def _io(what: str):
+    """A remote Location call, retried by the Location's RetryPolicy when it fails transiently
+    (the call must be safe to repeat: reads, whole-object writes, deletes). Other failures
+    surface as OSError, as local ones do: callers turn OSError into one-line errors, and
+    botocore, gcsfs and aiohttp raise their own types."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
             if not self.remote:
-                raise
-            raise OSError(errno.EIO, f"{type(e).__name__}: {e}") from e
+                return method(self, *args, **kwargs)
+            if getattr(_CALLS, "depth", 0):  # inside another Location call, which retries the whole
+                return method(self, *args, **kwargs)
+            policy = self.retry_policy
+            _CALLS.depth = 1
+            try:
+                failures = 0
+                while True:
+                    try:
+                        return method(self, *args, **kwargs)
+                    except DlpipeError:
+                        raise
+                    except Exception as e:
+                        if not is_transient(e):
+                            if isinstance(e, OSError):
+                                raise
+                            raise OSError(errno.EIO, _redact(f"{type(e).__name__}: {e}", self.storage_options)) \
+                                from e
+                        failures += 1
+                        cause = _redact(_cause(e), self.storage_options)
+                        if failures >= policy.attempts:
+                            op = what
+                            if method.__name__ == "read_bytes":
+                                start = args[0] if args else kwargs.get("start")
+                                end = args[1] if len(args) > 1 else kwargs.get("end")
+                                if start is not None or end is not None:
+                                    op = f"{what} of bytes {start}-{end}"
+                            times = "1 attempt" if failures == 1 else f"{failures} attempts"
+                            raise StorageError(self.url, f"{self.url}: {op} failed after {times}; last error: "
+                                                         f"{cause}", failures) from e
+                        wait = policy.delay(failures)
+                        log.debug("%s: %s failed (%s); attempt %d of %d in %.2f s", self.url, what, cause,
+                                  failures + 1, policy.attempts, wait)
+                        time.sleep(wait)
+            finally:
+                _CALLS.depth = 0
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 class Location:
@@ -95,6 +157,7 @@ class Location:
         self._fs = None
         self._fs_pid = 0
         self._fs_path: str | None = None
+        self._retry: RetryPolicy | None = None
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -110,7 +173,7 @@ class Location:
         return self.url
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}
+        return {**self.__dict__, "_fs": None, "_retry": None}
 
     def join(self, *names: str) -> Location:
         joined = posixpath.join(self.url, *names) if self.remote else os.path.join(self.url, *names)
@@ -137,7 +200,7 @@ class Location:
                     f"{self.url} needs fsspec, which is not installed; run: pip install 'dlpipe[s3]'") from None
             protocol = self.url.split("://", 1)[0]
             try:
-                self._fs = _filesystem(protocol, self.storage_options)
+                self._fs = _filesystem(protocol, self.storage_options, self.retry_policy)
             except ImportError:
                 extra = _EXTRA.get(protocol)
                 cmd = f"pip install 'dlpipe[{extra}]'" if extra else f"pip install the fsspec backend for {protocol}://"
@@ -149,6 +212,13 @@ class Location:
         return self._fs
 
     @property
+    def retry_policy(self) -> RetryPolicy:
+        """How this location's remote calls are retried (see the module docstring)."""
+        if self._retry is None:
+            self._retry = RetryPolicy.resolve(self.storage_options.get(RETRY_OPTION))
+        return self._retry
+
+    @property
     def fs_path(self) -> str:
         if self._fs_path is None:
             fs = self.fs
@@ -157,23 +227,28 @@ class Location:
 
     # -- queries -------------------------------------------------------------------------------
 
-    @_io
+    @_io("existence check")
     def exists(self) -> bool:
         return self.fs.exists(self.fs_path) if self.remote else os.path.exists(self.url)
 
-    @_io
+    @_io("lookup")
     def isfile(self) -> bool:
-        return self.fs.isfile(self.fs_path) if self.remote else os.path.isfile(self.url)
+        if not self.remote:
+            return os.path.isfile(self.url)
+        try:  # not fs.isfile: fsspec's answers False for any error, a 503 included
+            return self.fs.info(self.fs_path)["type"] == "file"
+        except FileNotFoundError:
+            return False
 
-    @_io
+    @_io("lookup")
     def isdir(self) -> bool:
         return self.fs.isdir(self.fs_path) if self.remote else os.path.isdir(self.url)
 
-    @_io
+    @_io("size lookup")
     def size(self) -> int:
         return int(self.fs.size(self.fs_path)) if self.remote else os.path.getsize(self.url)
 
-    @_io
+    @_io("listing")
     def listdir(self) -> list[str]:
         """Names directly under this directory ([] when there is nothing)."""
         if not self.remote:
@@ -186,7 +261,7 @@ class Location:
         base = self.fs_path.rstrip("/") + "/"
         return sorted({e[len(base):].split("/", 1)[0] for e in entries if e.startswith(base) and len(e) > len(base)})
 
-    @_io
+    @_io("listing")
     def file_sizes(self) -> dict[str, int]:
         """{name: size} of the files directly under this directory (one listing request remotely)."""
         if not self.remote:
@@ -202,7 +277,7 @@ class Location:
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e.get("type") == "file"}
 
-    @_io
+    @_io("listing")
     def walk_files(self) -> list[Location]:
         """Every file under this directory, or this file."""
         if not self.remote:
@@ -215,7 +290,7 @@ class Location:
             return [Location(prefix + p, self.storage_options) for p in sorted(fs.find(self.fs_path))]
         return [self]
 
-    @_io
+    @_io("lookup")
     def identity(self) -> str:
         """What changes when the file changes: size and mtime locally, size and ETag (or mtime)
         remotely. Used in fingerprints; holds no credentials."""
@@ -228,11 +303,19 @@ class Location:
 
     # -- reading -------------------------------------------------------------------------------
 
-    @_io
+    @_io("read")
     def read_bytes(self, start: int | None = None, end: int | None = None) -> bytes:
-        """The whole file, or bytes ``[start, end)`` (one range request when remote)."""
+        """The whole file, or bytes ``[start, end)`` (one range request when remote). A remote
+        range that comes back shorter than asked, while the object holds those bytes, is a
+        transient fault: retried, never handed on."""
         if self.remote:
-            return self.fs.cat_file(self.fs_path, start=start, end=end)
+            data = self.fs.cat_file(self.fs_path, start=start, end=end)
+            if start is not None and end is not None and 0 <= start <= end and len(data) != end - start:
+                self.fs.invalidate_cache(self.fs_path)
+                expected = max(0, min(end, int(self.fs.size(self.fs_path))) - start)
+                if len(data) != expected:
+                    raise _ShortRead(errno.EIO, f"got {len(data)} of {expected} bytes")
+            return data
         with open(self.url, "rb") as f:
             if start:
                 f.seek(start)
@@ -248,7 +331,7 @@ class Location:
             os.makedirs(self.url, exist_ok=True)
         # object stores have no directories: keys appear with their first object
 
-    @_io
+    @_io("write")
     def write_bytes(self, data: bytes) -> None:
         """Write the whole file atomically: a single PUT remotely, tmp + fsync + rename locally."""
         if self.remote:
@@ -262,7 +345,7 @@ class Location:
             os.fsync(f.fileno())
         os.replace(tmp, self.url)
 
-    @_io
+    @_io("upload")
     def put_file(self, local: str) -> None:
         """Upload (or move) a finished local file to this location. An object appears under its
         key only when the upload completes, so a reader never sees part of it."""
@@ -272,7 +355,7 @@ class Location:
         else:
             os.replace(local, self.url)
 
-    @_io
+    @_io("delete")
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.remote:
@@ -280,7 +363,7 @@ class Location:
             else:
                 os.remove(self.url)
 
-    @_io
+    @_io("delete")
     def remove_tree(self) -> None:
         if self.remote:
             with contextlib.suppress(FileNotFoundError):
@@ -290,7 +373,6 @@ class Location:
         else:
             shutil.rmtree(self.url, ignore_errors=True)
 
-    @_io
     def local_copy(self, cache_dir: str | None = None) -> str:
         """A local path with this file's (or directory's) bytes: the path itself when local, else
         a copy under ``cache_dir`` (default ``$DLPIPE_CACHE_DIR`` or ``~/.cache/dlpipe``) named
@@ -309,35 +391,51 @@ class Location:
                 self._download(files, root, target)
         return target
 
+    @_io("download")
+    def _get_file(self, dest: str) -> None:
+        self.fs.get_file(self.fs_path, dest)  # rewrites dest from its start on every attempt
+
     def _download(self, files: list[Location], root: str, target: str) -> None:
         staging = tempfile.mkdtemp(prefix=".fetch-", dir=root)
         try:
             dest = os.path.join(staging, self.name)
             if len(files) == 1 and files[0].url == self.url:
-                self.fs.get_file(self.fs_path, dest)
+                self._get_file(dest)
             else:
                 base = self.fs_path.rstrip("/") + "/"
                 for f in files:
                     rel = f.fs_path[len(base):]
                     os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-                    f.fs.get_file(f.fs_path, os.path.join(dest, rel))
+                    f._get_file(os.path.join(dest, rel))
             os.replace(dest, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-_FILESYSTEMS: dict[tuple[int, str, str], Any] = {}
+_FILESYSTEMS: dict[tuple, Any] = {}
 
 
-def _filesystem(protocol: str, options: Mapping[str, Any]):
-    """One filesystem per (process, protocol, options). fsspec's own instance cache would hand a
-    forked worker its parent's instance, whose event loop does not survive the fork."""
+def _filesystem(protocol: str, options: Mapping[str, Any], policy: RetryPolicy):
+    """One filesystem per (process, protocol, options, timeout). fsspec's own instance cache
+    would hand a forked worker its parent's instance, whose event loop does not survive the fork.
+
+    For S3 the retries below dlpipe's are turned off, so that a fault costs one request and
+    ``policy`` alone decides what happens next: botocore tries once (``config_kwargs.retries``)
+    and s3fs's own loop (its ``retries`` attribute, 5 by default) once; botocore's connect and
+    read timeouts are ``policy.timeout``. What the caller put in ``config_kwargs`` wins."""
     import fsspec
 
-    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=str))
+    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=str), policy.timeout)
     fs = _FILESYSTEMS.get(key)
     if fs is None:
-        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        kwargs = {k: v for k, v in options.items() if k != RETRY_OPTION}
+        s3 = protocol in ("s3", "s3a")
+        if s3:
+            kwargs["config_kwargs"] = {"retries": {"total_max_attempts": 1}, "connect_timeout": policy.timeout,
+                                       "read_timeout": policy.timeout, **(kwargs.get("config_kwargs") or {})}
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **kwargs)
+        if s3 and hasattr(fs, "retries"):
+            fs.retries = 1
         _FILESYSTEMS[key] = fs
     return fs
 

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from dlpipe.errors import FormatError
 from dlpipe.manifest import ShardInfo
-from dlpipe.storage import Location, file_lock
+from dlpipe.storage import Location, StorageError, file_lock
 
 DEFAULT_PREFETCH_BYTES = 32 << 20
 DEFAULT_REQUEST_BYTES = 4 << 20
@@ -166,10 +166,14 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def read_range(location: Location, start: int | None, end: int | None) -> bytes:
-    """Bytes ``[start, end)`` of a shard (the whole file when both are None), one request; a
-    missing object or a failed request is a one-line FormatError naming the URL."""
+    """Bytes ``[start, end)`` of a shard (the whole file when both are None), one request (more
+    when it fails transiently: ``Location`` retries it, and a short answer is never returned). A
+    missing object or a failed request is a one-line FormatError naming the URL; a request that
+    failed transiently on every attempt, ``Location``'s StorageError (it names the URL too)."""
     try:
         return location.read_bytes(start, end)
+    except StorageError:
+        raise
     except FileNotFoundError:
         raise FormatError(location.url, "shard listed in the manifest is missing",
                           hint="check the URL, or rerun the reshard") from None
