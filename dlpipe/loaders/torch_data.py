@@ -87,7 +87,7 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from dlpipe.dataset import ShardDataset
+    from dlpipe.loaders.dataset import ShardDataset
 
 # A worker sends a batch up to this size as numpy arrays, pickled through the result pipe: for
 # small batches that is ~8x faster than tensors, each of which PyTorch moves into its own

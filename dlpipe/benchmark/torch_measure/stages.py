@@ -34,8 +34,8 @@ def _first_windows(loader_ds, cfg: BenchConfig) -> list:
 def _dlpipe_stages(
     cfg: BenchConfig, loader, model: _Model, device, notes: list[str]
 ) -> list[StageMeasurement]:
-    from dlpipe.dataset import read_window
     from dlpipe.loaders.common import ShardReader, collate, take_rows, window_batches
+    from dlpipe.loaders.dataset import read_window
     from dlpipe.loaders.torch_state import numpy_to_tensors
 
     ds = loader.dataset  # the ShardIterableDataset: the loader's own plan and settings
