@@ -369,7 +369,11 @@ class ShardReader:
         """Whether the whole local file matches its manifest digest (checked once per process,
         and per file version: every reader in the process shares the answer)."""
         if shard.path not in self._intact:
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise FormatError(path, f"cannot read the shard ({e.strerror or e})",
+                                  hint="it is missing or unreadable; run dlpipe verify, or rerun dlpipe reshard") from None
             key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
             digest = _DIGESTS.get(key)
             if digest is None:
