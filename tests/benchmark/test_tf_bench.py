@@ -12,6 +12,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import padded_tokens  # noqa: E402
 
 import dlpipe
 from dlpipe.benchmark import tf_measure as tf_bench
@@ -19,9 +20,6 @@ from dlpipe.benchmark.config import STAGES, BenchConfig, FrameworkResult
 from dlpipe.benchmark.ledger import Ledger
 from dlpipe.errors import ConfigError, MissingDependencyError
 from dlpipe.manifest import load_manifest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import padded_tokens  # noqa: E402
 
 pytestmark = pytest.mark.tf
 

@@ -20,10 +20,9 @@ from dlpipe.errors import ConfigError, MissingDependencyError
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from dlpipe.benchmark import torch_measure as torch_bench  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
 from conftest import padded_tokens  # noqa: E402
+
+from dlpipe.benchmark import torch_measure as torch_bench  # noqa: E402
 
 N, WIDTH = 600, 32
 

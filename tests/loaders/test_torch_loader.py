@@ -18,7 +18,6 @@ from dlpipe.loaders.common import batches_consumed_per_worker
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 from conftest import padded_tokens  # noqa: E402
 
 N = 600  # divides by world sizes 1, 2 and 3

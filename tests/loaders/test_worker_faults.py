@@ -23,10 +23,9 @@ pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and fork are POSIX"),
 ]
 
-from dlpipe.loaders.torch_data import LoaderWorkerError  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
 from conftest import padded_tokens  # noqa: E402
+
+from dlpipe.loaders.torch_data import LoaderWorkerError  # noqa: E402
 
 BOUND_S = 60  # generous: the error comes in well under 2 s here (main thread: at once)
 
