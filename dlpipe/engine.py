@@ -239,7 +239,7 @@ def reshard(
             "num_records": n, "num_bytes": source.num_bytes,
             "columns": {k: {"dtype": c.dtype.name, "shape": list(c.shape)} for k, c in source.columns.items()},
         }
-        from dlpipe import __version__
+        from dlpipe._version import __version__
 
         manifest = build_manifest(fmt=format, compression=compression, columns=encodings, shards=shard_infos,
                                   column_stats=column_stats, source=source_info, plan=plan, version=__version__)

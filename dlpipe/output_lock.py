@@ -16,13 +16,10 @@ import time
 import uuid
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dlpipe.errors import OutputError, OutputLockedError
 from dlpipe.storage import Location
-
-if TYPE_CHECKING:
-    from dlpipe.output_dir import OutputDir
 
 LOCK_FILE = ".dlpipe.lock"  # a local output's lock file
 # an object store's lock object: one level down, so that a listing of the output's files (what a
@@ -80,7 +77,7 @@ class LocalRunLock(RunLock):
     refuses it, the run goes on unlocked (with a warning in the second case); where the output
     cannot be created, ``prepare`` reports that as before."""
 
-    def __init__(self, out: OutputDir) -> None:
+    def __init__(self, out: Any) -> None:  # an output_dir.OutputDir
         self.out = out
         self.directory = out.location.url
         self.path = os.path.join(self.directory, LOCK_FILE)
@@ -163,7 +160,7 @@ class RemoteRunLock(RunLock):
     stale, or left by a dead process of this host; refreshed by a daemon thread; deleted by
     ``release()``."""
 
-    def __init__(self, out: OutputDir) -> None:
+    def __init__(self, out: Any) -> None:  # an output_dir.OutputDir
         self.out = out
         self.location = out.location.join(*REMOTE_LOCK.split("/"))
         self._stop = threading.Event()

@@ -25,7 +25,8 @@ from dlpipe.defaults import SHUFFLE_BUFFER
 from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import epoch_windows, shuffle_block_records, window_batches
 from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
-from dlpipe.loaders.shard_reader import ShardReader, read_window, read_windows
+from dlpipe.loaders.shard_reader import ShardReader
+from dlpipe.loaders.windows import read_window, read_windows
 from dlpipe.manifest import DatasetInfo, load_manifest
 
 __all__ = ["ShardDataset", "load_dataset", "read_window"]

@@ -1,5 +1,5 @@
 """``ShardReader``: record ranges of a dataset's shards as ragged columns, from local files or
-object storage, and ``read_windows``, the way loaders read a plan's windows.
+object storage (``dlpipe.loaders.windows.read_windows`` reads a plan's windows with it).
 
 Where the bytes come from:
 
@@ -49,7 +49,6 @@ from dlpipe.loaders.remote import (
     ByteBudget,
     cached_path,
     fetch_to_cache,
-    read_ahead,
     read_range,
     write_atomic,
 )
@@ -473,74 +472,6 @@ def _typed(f, enc: ColumnEncoding, n: int, path: str, frames: np.ndarray) -> Rag
             raise FormatError(path, f"column {enc.name!r} holds values {lo}..{hi}, outside its dtype {dtype}",
                               hint="the shard does not match its manifest; rerun dlpipe reshard")
     return values.astype(dtype, copy=False), splits.astype(np.int64, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# windows
-
-
-def read_window(reader: ShardReader, shards: Sequence[ShardInfo], window) -> dict[str, Ragged]:
-    """The records of one window as ragged columns (its shard ranges concatenated)."""
-    return concat_parts([reader.read(shards[s], a, b) for s, a, b in window.ranges], reader.encodings)
-
-
-def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iterable, *,
-                 serialized: bool = False) -> Iterator[Any]:
-    """``read_window`` of each window in turn; over object storage the bytes of the windows
-    after the current one are fetched in the background, within ``reader``'s prefetch budget.
-    ``serialized``: each window as its serialized records instead, (bytes, starts, ends) of
-    ``reader.serialized`` (for tf.data, which parses them itself)."""
-    # a TFRecord window of blocks from several shards is gathered and decoded in one call (a
-    # decode costs ~0.4 ms whatever its size: per shard, 8 shards made shuffled reads 3.4x slower)
-    pack = reader.info.format == "tfrecord"
-    windows = list(windows)
-    units = reader.plan(shards, (r for w in windows for r in w.ranges))
-    reader.load_indexes(shards[s] for s in dict.fromkeys(s for w in windows for s, _, _ in w.ranges))
-    if reader.fetches:
-        stream = read_ahead(units, reader.fetch, lambda u: u.nbytes, reader.budget)
-    else:
-        stream = ((u, None) for u in units)
-    try:
-        unit, data, left = None, None, 0
-        for window in windows:
-            parts: list[tuple[Fetch, Any, list[tuple[int, int]]]] = []  # (unit, data, its ranges)
-            for _, a, b in window.ranges:
-                if left == 0:
-                    unit, data = next(stream)
-                    left = unit.ranges
-                    parts.append((unit, data, []))
-                elif not parts:  # the unit goes on from the previous window
-                    parts.append((unit, data, []))
-                parts[-1][2].append((a, b))
-                left -= 1
-            if serialized:
-                yield concat_serialized([reader.serialized(*p) for p in parts])
-            elif pack and len(parts) > 1:
-                buf, starts, ends = concat_serialized([reader.serialized(*p) for p in parts])
-                yield reader.decode_payloads(buf, starts, ends, f"a window of {reader.info.root}", starts)
-            else:
-                yield concat_parts([reader.decode(*p) for p in parts], reader.encodings)
-    finally:
-        stream.close()
-
-
-def concat_serialized(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bytes, starts, ends) of several ``ShardReader.serialized`` results as one."""
-    if len(parts) == 1:
-        return parts[0]
-    shift = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] + k for p, k in zip(parts, shift)]),
-            np.concatenate([p[2] + k for p, k in zip(parts, shift)]))
-
-
-def gather_bytes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The byte spans ``buf[starts[i]:ends[i]]`` packed back to back (one fancy index), and the
-    n + 1 offsets of each in the result."""
-    lens = ends - starts
-    offsets = np.zeros(len(lens) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    idx = np.repeat(starts - offsets[:-1], lens) + np.arange(int(offsets[-1]), dtype=np.int64)
-    return np.asarray(buf[idx]), offsets
 
 
 def concat_parts(parts: list[dict[str, Ragged]], encodings) -> dict[str, Ragged]:

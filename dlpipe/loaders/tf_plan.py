@@ -33,7 +33,7 @@ import numpy as np
 
 from dlpipe._deps import require
 from dlpipe.loaders.common import epoch_windows, window_batches
-from dlpipe.loaders.shard_reader import gather_bytes, read_windows
+from dlpipe.loaders.windows import gather_bytes, read_windows
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
 

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +74,7 @@ from dlpipe.loaders.common import (  # noqa: E402
     window_batches,
     worker_windows,
 )
-from dlpipe.loaders.shard_reader import ShardReader, read_windows  # noqa: E402
+from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
     STATE_VERSION,
@@ -85,9 +85,7 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
     resume_point,
     stateful_loader_class,
 )
-
-if TYPE_CHECKING:
-    from dlpipe.loaders.dataset import ShardDataset
+from dlpipe.loaders.windows import read_windows  # noqa: E402
 
 # A worker sends a batch up to this size as numpy arrays, pickled through the result pipe: for
 # small batches that is ~8x faster than tensors, each of which PyTorch moves into its own
@@ -134,7 +132,7 @@ class ShardIterableDataset(IterableDataset):
 
     def __init__(
         self,
-        source: ShardDataset,
+        source: Any,  # a loaders.dataset.ShardDataset
         *,
         batch_size: int,
         drop_last: bool = False,
@@ -396,7 +394,7 @@ class ShardIterableDataset(IterableDataset):
 
 
 def to_torch_dataloader(
-    ds: ShardDataset,
+    ds: Any,  # a loaders.dataset.ShardDataset
     batch_size: int = 1,
     shuffle: bool = False,
     num_workers: int = 0,

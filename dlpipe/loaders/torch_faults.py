@@ -9,12 +9,9 @@ import signal
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dlpipe.errors import LoaderWorkerError
-
-if TYPE_CHECKING:
-    from dlpipe.loaders.torch_state import LoaderIterator
 
 
 def _how_it_ended(exitcode: int) -> str:
@@ -68,10 +65,10 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: weakref.WeakSet[LoaderIterator] = weakref.WeakSet()
+        self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
         self._thread: threading.Thread | None = None
 
-    def watch(self, it: LoaderIterator) -> None:
+    def watch(self, it: Any) -> None:  # a torch_state.LoaderIterator
         with self._lock:
             self._watched.add(it)
             if self._thread is None or not self._thread.is_alive():

@@ -20,7 +20,8 @@ import dlpipe
 from dlpipe.errors import FormatError, VerifyError
 from dlpipe.inspect import inspect as describe
 from dlpipe.loaders.common import epoch_windows
-from dlpipe.loaders.shard_reader import ShardReader, read_windows
+from dlpipe.loaders.shard_reader import ShardReader
+from dlpipe.loaders.windows import read_windows
 from dlpipe.manifest import load_manifest
 from dlpipe.storage import Location
 

@@ -99,7 +99,7 @@ def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement
     of its batches' serialized records (windows read beforehand)."""
     import dlpipe
     from dlpipe.loaders.common import epoch_windows, window_batches
-    from dlpipe.loaders.shard_reader import gather_bytes, read_windows
+    from dlpipe.loaders.windows import gather_bytes, read_windows
 
     ds = dlpipe.load_dataset(cfg.data, cfg.split)
     windows = epoch_windows([s.num_records for s in ds.shards], batch_size=cfg.batch_size, shuffle=True,
