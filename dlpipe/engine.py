@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dlpipe import shards as shard_formats
+import dlpipe.shards as shard_formats
 from dlpipe._failpoints import failpoint
 from dlpipe._units import format_bytes, parse_size
 from dlpipe.columns import ColumnBatch, ColumnEncoding, choose_encoding, varint_bytes_total
