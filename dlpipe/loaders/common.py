@@ -206,6 +206,12 @@ def rank_share(total: int, world_size: int, rank: int, uneven: str = "pad") -> t
     return rank * per_rank, (rank + 1) * per_rank
 
 
+def buffer_batches(buffer_size: int, batch_size: int) -> int:
+    """Batches per window: the shuffle buffer rounded up to whole batches, so windows never share
+    a batch (the one rule of every loader)."""
+    return max(1, -(-buffer_size // batch_size))
+
+
 def epoch_windows(
     shard_sizes: Sequence[int],
     *,

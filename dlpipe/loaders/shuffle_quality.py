@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.loaders.common import epoch_windows, window_batches
+from dlpipe.loaders.common import buffer_batches, epoch_windows, window_batches
 
 __all__ = ["order_quality", "plan_order"]
 
@@ -46,7 +46,7 @@ def plan_order(ds: Any, batch_size: int, *, epoch: int = 0) -> np.ndarray:
     sizes = [s.num_records for s in ds.shards]
     first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     windows = epoch_windows(sizes, batch_size=batch_size, shuffle=ds.shuffled, seed=ds.shuffle_seed or 0,
-                            epoch=epoch, window_batches=max(1, math.ceil(ds.buffer_size / batch_size)),
+                            epoch=epoch, window_batches=buffer_batches(ds.buffer_size, batch_size),
                             block_records=ds.block_records if ds.shuffled else None)
     out = []
     for w in windows:

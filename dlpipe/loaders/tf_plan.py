@@ -24,7 +24,6 @@ data, not by file.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe._deps import require
-from dlpipe.loaders.common import epoch_windows, window_batches
+from dlpipe.loaders.common import buffer_batches, epoch_windows, window_batches
 from dlpipe.loaders.windows import gather_bytes, read_windows
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
@@ -53,7 +52,7 @@ def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool
     ranks works with any number of shards)."""
     reader, shards = ds.reader(), ds.shards
     sizes = [s.num_records for s in shards]
-    per_window = max(1, math.ceil(ds.buffer_size / batch_size))  # as ShardIterableDataset
+    per_window = buffer_batches(ds.buffer_size, batch_size)
     block_records = ds.block_records if shuffle else None
     epochs = itertools.count(ds.epoch)
     lock = threading.Lock()

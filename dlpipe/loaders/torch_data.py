@@ -51,7 +51,6 @@ yielded as it is. It is a per-record path: the built-in padding is much faster.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -67,6 +66,7 @@ from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 from dlpipe.loaders.common import (  # noqa: E402
     UNEVEN,
     Ragged,
+    buffer_batches,
     collate,
     default_boundaries,
     epoch_windows,
@@ -173,7 +173,7 @@ class ShardIterableDataset(IterableDataset):
         self.length_column = next((n for n, e in self.encodings.items() if e.variable), None)
         self.boundaries = self._boundaries(bucket_boundaries)
         # records per window = the shuffle buffer; whole batches so windows never share one
-        self.window_batches = max(1, math.ceil(source.buffer_size / batch_size))
+        self.window_batches = buffer_batches(source.buffer_size, batch_size)
         if self.boundaries is not None:  # grouping by length needs many batches to choose from
             self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
         self.block_records = source.block_records if source.shuffled else None
