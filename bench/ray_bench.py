@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import machine_busy_seconds, machine_info, own_cpu_seconds
-from results_io import provenance, record
+from cpu_load import machine_busy_seconds, tree_cpu_seconds
+from results_io import dlpipe_checkout, provenance, record
 
 from dlpipe.benchmark.corpus import build_corpus
+from dlpipe.benchmark.machine import describe
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))  # the test suite's S3 server starter
@@ -48,21 +49,6 @@ def _fmt(x: float) -> str:
 def _files(loc: Location) -> dict[str, bytes]:
     """Shards, indexes and the manifest, by name."""
     return {n: loc.join(n).read_bytes() for n in loc.listdir()}
-
-
-def _tree_cpu_seconds() -> float:
-    """CPU seconds of this process, its reaped children (pool workers) and its live descendants
-    (Ray's daemons and workers, the S3 server)."""
-    import psutil
-
-    total = own_cpu_seconds()
-    for p in psutil.Process().children(recursive=True):
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:  # gone meanwhile
-            pass
-    return total
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,10 +83,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.repeat):  # rounds, every run once per round: drift hits all alike
             for name, target, kw in configs:
                 out = f"s3://dlpipe/{name.replace(' ', '')}-{i}" if "s3" in target else str(work / f"{name}-{i}")
-                t, c, b = time.perf_counter(), _tree_cpu_seconds(), machine_busy_seconds()
+                t, c, b = time.perf_counter(), tree_cpu_seconds(), machine_busy_seconds()
                 summary = dlpipe.reshard(sources, out, **opts, **kw)
                 seconds[name].append(time.perf_counter() - t)
-                cpu[name].append(_tree_cpu_seconds() - c)
+                cpu[name].append(tree_cpu_seconds() - c)
                 busy[name].append(machine_busy_seconds() - b)
                 files = _files(Location(out, kw.get("storage_options")))
                 reference = reference or files
@@ -127,7 +113,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "ray_engine",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["ray_bench.py", *sys.argv[1:]]),
-        "machine": machine_info(),
+        "machine": describe(["ray", "moto"]),
+        "dlpipe_measured": dlpipe_checkout(),
         "corpus": {k: v for k, v in corpus.items() if k != "reused"},
         "settings": {"repeat": args.repeat, "num_shards": args.num_shards, "ray_num_cpus": 2},
         "ray_startup_seconds": ray_start,

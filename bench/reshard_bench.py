@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from corpus import PAD_ID, build_corpus
-from machine import cpu_scaling_ceiling, machine_busy_seconds, machine_info, own_cpu_seconds
+from cpu_load import cpu_scaling_ceiling, machine_busy_seconds, own_cpu_seconds
 from reshard_report import compute_ratios, format_bytes, judge_targets, render_markdown
-from results_io import record
+from results_io import dlpipe_checkout, record
+
+from dlpipe.benchmark.corpus import PAD_ID, build_corpus
+from dlpipe.benchmark.machine import describe
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / ".cache"
@@ -400,7 +402,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "reshard",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": machine_info(),
+        "machine": describe(["webdataset"]),
+        "dlpipe_measured": dlpipe_checkout(),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "cpu_scaling_ceiling_2_workers": ceiling,
         "corpus": {k: v for k, v in corpus.items() if k != "reused"},

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from corpus import SEQ_LEN, build_corpus
-from machine import machine_info
-from results_io import record
+from results_io import dlpipe_checkout, memory_gib, record
+
+from dlpipe.benchmark.corpus import SEQ_LEN, build_corpus
+from dlpipe.benchmark.machine import describe
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -173,7 +174,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Reshard peak memory",
         "",
-        f"{result['created']} · {m['cpu_model']} · {m['cpu_count']} CPUs · {m['memory_gib']} GiB · "
+        f"{result['created']} · {m['cpu_model']} · {m['cpu_count']} CPUs · {memory_gib(m)} GiB · "
         f"Python {m['python']} · `{result['settings']['cli']} reshard ... --format tfrecord "
         f"--workers {result['settings']['workers']}`",
         "",
@@ -278,7 +279,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "reshard_memory",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
+        "machine": describe(),
+        "dlpipe_measured": dlpipe_checkout(),
         "settings": {
             "cli": " ".join(Path(a).name for a in dlpipe_command()),
             "workers": args.workers,

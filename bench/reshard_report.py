@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from results_io import memory_gib, versions_of
+
 # (name, description, ratio key, comparison, threshold)
 TARGETS: list[tuple[str, str, str, str, float]] = [
     (
@@ -181,12 +183,13 @@ def _compression_cell(run: dict[str, Any]) -> str:
 def render_markdown(result: dict[str, Any]) -> str:
     """The markdown report of one ``reshard.json``."""
     m, c = result["machine"], result["corpus"]
+    v = versions_of(m)
     lines = [
         "# Reshard benchmark",
         "",
         f"{result['created']} · {m['cpu_model']} · {m['cpus_usable']} usable CPUs ({m['cpu_count']} total) · "
-        f"{m['memory_gib']} GiB · Python {m['python']} · numpy {m['numpy']} · TF {m['tensorflow']} · "
-        f"webdataset {m['webdataset']} · dlpipe {m['dlpipe']}",
+        f"{memory_gib(m)} GiB · Python {m['python']} · numpy {v.get('numpy')} · TF {v.get('tensorflow')} · "
+        f"webdataset {v.get('webdataset')} · dlpipe {v.get('dlpipe')}",
         "",
         f"Corpus: {c['num_records']:,} records ({c['source']}), {c['encoding']}; mean length "
         f"{c['mean_length']:.1f}, max {c['max_length']}, {c['truncated_records']} truncated; "

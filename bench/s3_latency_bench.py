@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import machine_info
-from results_io import provenance, record
+from results_io import dlpipe_checkout, provenance, record
 
 from dlpipe.benchmark.corpus import build_corpus
+from dlpipe.benchmark.machine import describe
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))  # the test suite's S3 server starter
@@ -126,7 +126,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "s3_latency",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["s3_latency_bench.py", *sys.argv[1:]]),
-        "machine": machine_info(),
+        "machine": describe(["s3fs", "moto"]),
+        "dlpipe_measured": dlpipe_checkout(),
         "corpus": {k: v for k, v in corpus.items() if k != "reused"},
         "settings": {"repeat": args.repeat, "batch_size": args.batch_size, "num_shards": 8, "request_bytes": 0},
         "runs": runs,

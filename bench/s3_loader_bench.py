@@ -51,12 +51,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from corpus import PAD_ID, build_corpus
+from cpu_load import tree_cpu_seconds
 from fault_proxy import FaultProxy
 from fault_proxy import stats as proxy_stats
-from loader_bench import one_run, tree_cpu_seconds
-from machine import machine_info
-from results_io import record
+from loader_measure import one_run
+from results_io import checkout_text, dlpipe_checkout, memory_gib, record, versions_of
+
+from dlpipe.benchmark.corpus import PAD_ID, build_corpus
+from dlpipe.benchmark.machine import describe
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
@@ -67,6 +69,7 @@ DEFAULT_RESULTS = BENCH_DIR / "results"
 REMOTE = "s3://dlpipe/bench/tfrecord"
 SOURCES = ("local", "s3", "s3-cache")
 LOADERS = {"torch-w0": "torch", "torch-w2": "torch", "tf": "tf"}
+VERSIONS = ("s3fs", "fsspec", "moto")  # beside describe()'s
 
 
 def storage_options(endpoint: str) -> dict[str, Any]:
@@ -360,7 +363,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "s3_loaders",
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {**machine_info(), **_versions()},
+        "machine": describe(VERSIONS),
+        "dlpipe_measured": dlpipe_checkout(),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "corpus": {k: v for k, v in corpus.items() if k != "reused"},
         "settings": {"batch_size": 256, "warmup_batches": args.warmup, "timed_batches": args.batches,
@@ -383,18 +387,6 @@ def _retry_policy() -> dict[str, Any]:
     from dlpipe.storage import RetryPolicy
 
     return dataclasses.asdict(RetryPolicy.resolve(None))
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for dist in ("torch", "s3fs", "fsspec", "moto"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -425,6 +417,7 @@ NOTES = [
 
 def render_markdown(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
+    v = versions_of(m)
     lines = [
         "# S3 loader benchmark",
         "",
@@ -434,9 +427,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         f" {s['warmup_batches']} batches untimed, then {s['timed_batches']} timed; {s['repeat']} rounds,"
         " median (min–max). Server: " + s["server"] + ".",
         "",
-        f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, {m.get('memory_gib')} GiB;"
-        f" Python {m.get('python')}, TF {m.get('tensorflow')}, torch {m.get('torch')}, s3fs {m.get('s3fs')},"
-        f" moto {m.get('moto')}; dlpipe {m.get('dlpipe')} (commit {m.get('git_commit')} plus uncommitted work).",
+        f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable cores, {memory_gib(m)} GiB;"
+        f" Python {m.get('python')}, TF {v.get('tensorflow')}, torch {v.get('torch')}, s3fs {v.get('s3fs')},"
+        f" moto {v.get('moto')}; {checkout_text(res)}.",
         "",
         "| run | samples/s | CPU own / others | CPU µs/ sample | setup s | S3 requests, MB, peak read-ahead MB |",
         "|---|---|---|---|---|---|",

@@ -7,7 +7,6 @@ TensorFlow nor PyTorch: framework code loads lazily, behind pip extras.
 """
 
 from dlpipe._version import __version__
-from dlpipe.engine import ReshardSummary, reshard
 from dlpipe.errors import (
     ConfigError,
     DlpipeError,
@@ -20,6 +19,7 @@ from dlpipe.errors import (
     VerifyError,
 )
 from dlpipe.loaders.dataset import ShardDataset, load_dataset
+from dlpipe.reshard import ReshardSummary, reshard
 from dlpipe.verify import VerifyReport, verify
 
 __all__ = [

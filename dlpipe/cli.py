@@ -165,7 +165,7 @@ def reshard(sources, output, fmt, compression, num_shards, shard_size, num_shard
       dlpipe reshard input_ids=s3://corpus/ids.npy labels=s3://corpus/labels.npy \\
           -o s3://corpus/shards --pad-id 0 --engine ray --ray-address auto
     """
-    from dlpipe.engine import reshard as run
+    from dlpipe.reshard import reshard as run
 
     seq = [] if no_strip else (sequence_columns.split(",") if sequence_columns else None)
     summary = run(

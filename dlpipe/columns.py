@@ -1,4 +1,4 @@
-"""How each column is stored in shards, and the batches writers encode.
+"""How each column is stored in shards, the batches writers encode, and each column's stats.
 
 A column is either *variable* (its first axis was padded; the padding is stripped and each record
 keeps only its real elements) or *fixed* (labels, coordinates: every record the same shape).
@@ -8,11 +8,16 @@ of the column losslessly; readers cast back to the logical ``dtype`` recorded in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dlpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dlpipe.padding import PaddingSpec
 
 ENCODINGS = ("raw", "int64_list", "float_list")
 _INT_LADDER = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.uint64]
@@ -140,3 +145,27 @@ def choose_encoding(
         elif dtype == np.float32:
             encoding = "float_list"
     return ColumnEncoding(name, dtype.name, tuple(shape), storage.name, encoding)
+
+
+def column_stats(spec: PaddingSpec, encodings: Mapping[str, ColumnEncoding], lengths: np.ndarray,
+                 pad_value: Mapping[str, int | None]) -> dict[str, dict]:
+    """The manifest's per-column stats of each stored sequence column: its pad value and the
+    distribution of record lengths (loaders pick length-bucket boundaries from its quantiles)."""
+    stats: dict[str, dict] = {}
+    if spec.method == "none" or len(lengths) == 0:
+        return stats
+    q = np.percentile(lengths, [50, 90, 99]).tolist()
+    hist, edges = np.histogram(lengths, bins=min(16, max(1, spec.max_length)), range=(0, spec.max_length))
+    length_stats = {
+        "padded_length": spec.max_length, "min": int(lengths.min()), "max": int(lengths.max()),
+        "mean": float(lengths.mean()), "p50": q[0], "p90": q[1], "p99": q[2],
+        "num_tokens": int(lengths.sum(dtype=np.int64)),
+        "padding_efficiency_of_source": float(lengths.mean() / spec.max_length) if spec.max_length else 1.0,
+        "histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        # every 5th percentile: loaders pick length-bucket boundaries from these
+        "quantiles": np.percentile(lengths, np.arange(0, 101, 5), method="higher").astype(int).tolist(),
+    }
+    for name in spec.sequence_columns:
+        if name in encodings:
+            stats[name] = {"pad_value": pad_value.get(name), "lengths": length_stats}
+    return stats

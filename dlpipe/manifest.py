@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import FormatError
 from dlpipe.manifest_schema import SCHEMA_VERSION, check_manifest
@@ -159,3 +161,24 @@ def load_manifest(root: str | os.PathLike[str] | Location, storage_options: Mapp
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(str(path), f"malformed manifest ({type(e).__name__}: {e})",
                           hint="re-create it with dlpipe reshard") from None
+
+
+_EXAMPLE_OVERHEAD = 24  # rough bytes per record of framing and keys, for balancing only
+
+
+def record_cost(encodings: Mapping[str, ColumnEncoding], balance_by: str) -> tuple[float, float]:
+    """(scale, offset): a record of length L costs about ``L * scale + offset`` bytes (or tokens)
+    in a shard; the shard plan balances shards by it."""
+    if balance_by == "tokens":
+        return 1.0, 0.0
+    fixed = _EXAMPLE_OVERHEAD
+    per_step = 0
+    for enc in encodings.values():
+        size = np.dtype(enc.storage_dtype).itemsize * enc.inner
+        if enc.encoding == "int64_list":
+            size = enc.inner  # varints: about a byte for small ids
+        if enc.variable:
+            per_step += size
+        else:
+            fixed += size
+    return float(per_step), float(fixed)

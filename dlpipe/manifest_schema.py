@@ -20,7 +20,7 @@ import numpy as np
 
 from dlpipe.columns import ENCODINGS
 from dlpipe.errors import FormatError
-from dlpipe.shards import COMPRESSIONS
+from dlpipe.formats import FORMATS
 
 SCHEMA_VERSION = 1
 SHARD_FIELDS = ("split", "path", "index", "num_records", "num_tokens", "num_bytes", "sha256")
@@ -71,11 +71,11 @@ def _check(raw: Any, local_root: str | None) -> None:
         raise _Bad("dlpipe.schema_version", f"{version} is newer than this dlpipe reads ({SCHEMA_VERSION}); "
                                             "upgrade dlpipe")
     fmt = d.get("format")
-    if not isinstance(fmt, str) or fmt not in COMPRESSIONS:
-        raise _Bad("dlpipe.format", f"{fmt!r}; known formats: {', '.join(COMPRESSIONS)}")
-    if d.get("compression", "missing") not in COMPRESSIONS[fmt]:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise _Bad("dlpipe.format", f"{fmt!r}; known formats: {', '.join(FORMATS)}")
+    if d.get("compression", "missing") not in FORMATS[fmt].compressions:
         raise _Bad("dlpipe.compression", f"{d.get('compression', 'missing')!r}; for {fmt}: "
-                                         f"{', '.join(str(c).lower() for c in COMPRESSIONS[fmt])}")
+                                         f"{', '.join(str(c).lower() for c in FORMATS[fmt].compressions)}")
     columns = _dict(d.get("columns"), "dlpipe.columns")
     if not columns:
         raise _Bad("dlpipe.columns", "has no columns")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dlpipe.errors import ConfigError, PaddingError
-from dlpipe.formats.packing import steps
+from dlpipe.formats.pieces import steps
 from dlpipe.sources.base import Column
 
 SIDES = ("auto", "right", "left")

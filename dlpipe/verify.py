@@ -1,8 +1,9 @@
 """``dlpipe verify``: re-read every shard and check it against the manifest.
 
-Checks, per shard: the file exists with the recorded size and SHA-256; every TFRecord frame's
-length and data CRC (or every tar header's checksum); the record count; the index file; that
-every record decodes to the manifest's columns; and the token count.
+Checks, per shard: the file exists with the recorded size and SHA-256; what the format's own walk
+checks (``ShardFormat.verify``: every TFRecord frame's length and data CRC, or every tar header's
+checksum, and that every record decodes to the manifest's columns); the record count; the index
+file; and the token count.
 
 The dataset may be local or at an fsspec URL (``storage_options`` as for ``load_dataset``): a
 remote shard is fetched whole, one at a time, into memory (a local one is memory-mapped).
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.errors import DlpipeError, FormatError, VerifyError
-from dlpipe.formats.tfrecord import decompress, payload_bounds, read_decompressed, scan_frames
+from dlpipe.errors import DlpipeError, VerifyError
+from dlpipe.formats import ShardFormat, get_format
+from dlpipe.formats.compression import decompress, read_decompressed
 from dlpipe.manifest import DatasetInfo, ShardInfo, load_manifest
 from dlpipe.storage import Location
 
@@ -52,9 +54,10 @@ def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] |
     t0 = time.perf_counter()
     info = load_manifest(path, storage_options)
     report = VerifyReport(info.root)
+    fmt = get_format(info.format)
     for shard in info.shards:
         try:
-            _verify_shard(info, shard)
+            _verify_shard(info, fmt, shard)
         except DlpipeError as e:
             report.problems.append(str(e))
         report.shards += 1
@@ -67,7 +70,7 @@ def verify(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] |
     return report
 
 
-def _verify_shard(info: DatasetInfo, shard: ShardInfo) -> None:
+def _verify_shard(info: DatasetInfo, fmt: ShardFormat, shard: ShardInfo) -> None:
     loc = info.shard_location(shard)
     path = loc.url
     data = _shard_bytes(loc, shard)
@@ -83,15 +86,7 @@ def _verify_shard(info: DatasetInfo, shard: ShardInfo) -> None:
         buf = decompress(data, info.compression, path) if info.compression else data
     else:
         buf = read_decompressed(path, info.compression)
-    if info.format == "tfrecord":
-        offsets = scan_frames(buf, path=path)
-        lengths = _tfrecord_tokens(info, buf, offsets, path)
-    else:
-        from dlpipe.formats.wds import read_samples
-
-        keys, columns = read_samples(np.asarray(buf), info.columns, path=path)
-        offsets = None
-        lengths = _wds_tokens(info, keys, columns)
+    lengths, offsets = fmt.verify(buf, info.columns, path=path)
     count = len(lengths)
     if count != shard.num_records:
         raise VerifyError(f"{path}: {count} records, manifest says {shard.num_records}")
@@ -113,55 +108,6 @@ def _shard_bytes(loc: Location, shard: ShardInfo) -> np.ndarray:
     except OSError as e:
         raise VerifyError(f"{loc.url}: cannot read the shard ({e.strerror or e}); check the path and "
                           "--storage-option credentials") from None
-
-
-def _tfrecord_tokens(info: DatasetInfo, buf, offsets: np.ndarray, path: str) -> np.ndarray:
-    from dlpipe.formats.example_decode import decode_examples
-
-    starts, ends = payload_bounds(offsets)
-    feats = decode_examples(np.asarray(buf), starts, ends, path=path, frame_offsets=offsets[:-1])
-    n = len(starts)
-    missing = set(info.columns) - set(feats)
-    extra = set(feats) - set(info.columns)
-    if n and (missing or extra):
-        raise FormatError(path, f"records hold features {sorted(feats)}, manifest says {sorted(info.columns)}")
-    tokens = np.zeros(n, dtype=np.int64)
-    for name, enc in info.columns.items():
-        if not n:
-            break
-        f = feats[name]
-        if not f.present.all():
-            i = int(np.flatnonzero(~f.present)[0])
-            raise FormatError(path, f"record lacks feature {name!r}", offset=int(offsets[i]), record=i)
-        itemsize = np.dtype(enc.storage_dtype).itemsize
-        if f.kind == "bytes":
-            per_record = np.diff(f.value_splits)[f.row_splits[:-1]] if len(f.value_splits) > 1 else np.zeros(n, np.int64)
-            elems = per_record // itemsize
-            bad = np.flatnonzero(per_record % (itemsize * enc.inner) != 0)
-        else:
-            elems = np.diff(f.row_splits)
-            bad = np.flatnonzero(elems % enc.inner != 0)
-        if len(bad):
-            i = int(bad[0])
-            raise FormatError(path, f"feature {name!r} does not hold whole {enc.storage_dtype} values of its shape",
-                              offset=int(offsets[i]), record=i)
-        steps = elems // enc.inner
-        if not enc.variable:
-            wrong = np.flatnonzero(steps != 1)
-            if len(wrong):
-                i = int(wrong[0])
-                raise FormatError(path, f"fixed feature {name!r} has the wrong size", offset=int(offsets[i]), record=i)
-        elif not tokens.any():
-            tokens = steps
-    return tokens
-
-
-def _wds_tokens(info: DatasetInfo, keys: np.ndarray, columns: dict) -> np.ndarray:
-    tokens = np.zeros(len(keys), dtype=np.int64)
-    for name, enc in info.columns.items():
-        if enc.variable:
-            return np.diff(columns[name][1]) // enc.inner
-    return tokens
 
 
 def _verify_index(loc: Location, offsets: np.ndarray | None, count: int) -> None:

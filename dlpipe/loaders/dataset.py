@@ -24,6 +24,7 @@ import numpy as np
 from dlpipe.defaults import SHUFFLE_BUFFER
 from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import epoch_windows, shuffle_block_records, window_batches
+from dlpipe.loaders.options import ShuffleConfig
 from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
 from dlpipe.loaders.shard_reader import ShardReader
 from dlpipe.loaders.windows import read_window, read_windows
@@ -104,14 +105,16 @@ class ShardDataset:
         out.chosen_block_records = block_records
         return out
 
-    def with_shuffle(self, shuffle: bool = False, seed: int | None = None) -> ShardDataset:
-        """What a loader's ``shuffle``/``seed`` arguments make of this dataset, one rule for
-        every front end: shuffled if ``shuffle`` or already shuffled; ``seed`` replaces the
-        seed; an unseeded shuffle draws a random one (as HF and PyTorch do), kept in
-        ``shuffle_seed`` so a checkpoint can resume it."""
-        if not (shuffle or self.shuffled) or (seed is None and self.shuffled):
-            return self
-        return self.shuffle(seed, self.buffer_size, block_records=self.chosen_block_records)
+    @property
+    def shuffle_config(self) -> ShuffleConfig:
+        """This dataset's shuffle state, as the loaders read it (``loaders.options``): shuffled
+        or not, the seed in use (drawn when ``shuffle`` got none) and whether it was given, the
+        buffer size, records per shuffle block (``block_records``; None unshuffled) and the
+        epoch the next iteration plays. A loader's ``shuffle``/``seed`` arguments apply to it
+        through ``loaders.options.resolve_shuffle``."""
+        return ShuffleConfig(shuffled=self.shuffled, seed=self.shuffle_seed, seed_given=self.seed_given,
+                             buffer_size=self.buffer_size,
+                             block_records=self.block_records if self.shuffled else None, epoch=self.epoch)
 
     def select_columns(self, columns: str | Sequence[str]) -> ShardDataset:
         out = copy.copy(self)

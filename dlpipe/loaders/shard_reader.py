@@ -28,19 +28,19 @@ decoded included); ``stats`` shows requests, bytes fetched and the peak held.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.tfrecord import check_frame_crcs, decompress, payload_bounds, read_decompressed
+from dlpipe.formats import get_format
+from dlpipe.formats.base import Columns, shard_numbering
+from dlpipe.formats.compression import decompress, read_decompressed
+from dlpipe.formats.index import index_bytes, parse_index, read_index
 from dlpipe.loaders.remote import (
     CACHE_CHUNK,
     DEFAULT_PREFETCH_BYTES,
@@ -53,46 +53,10 @@ from dlpipe.loaders.remote import (
     write_atomic,
 )
 from dlpipe.manifest import DatasetInfo, ShardInfo
-from dlpipe.storage import Location
 
-Ragged = tuple[np.ndarray, np.ndarray]  # (flat values, row_splits in elements)
 MAPS_KEPT = 64  # memory-mapped shards a reader keeps open (one file descriptor each)
 # SHA-256 of local files this process hashed, by (real path, size, mtime, inode)
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
-
-
-def read_index(path: str | os.PathLike[str] | Location) -> np.ndarray:
-    """An "offset size" index file as an (n, 2) int64 array."""
-    loc = path if isinstance(path, Location) else Location(path)
-    return parse_index(_index_bytes(loc), loc.url)
-
-
-def parse_index(data: bytes, where: str) -> np.ndarray:
-    # fromstring parses ~5x faster than split() + array (which a loader pays per shard at start),
-    # but stops quietly at the first bad token: the count tells, and split() then says so
-    lines = data.count(b"\n")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # older numpy: "could not be read to its end"
-            values = np.fromstring(data, dtype=np.int64, sep=" ") if data else np.empty(0, np.int64)
-    except ValueError:  # numpy 2.x raises at the first bad token
-        values = np.empty(0, np.int64)
-    if lines and len(values) == 2 * lines and data.count(b" ") == lines and data.endswith(b"\n"):
-        return values.reshape(-1, 2)
-    try:
-        return np.array(data.split(), dtype=np.int64).reshape(-1, 2)
-    except (ValueError, OverflowError):
-        raise FormatError(where, "index is not 'offset size' lines", hint="rerun dlpipe reshard") from None
-
-
-def _index_bytes(loc: Location) -> bytes:
-    try:
-        return loc.read_bytes()
-    except FileNotFoundError:
-        raise FormatError(loc.url, "index file is missing", hint="rerun dlpipe reshard") from None
-    except OSError as e:
-        raise FormatError(loc.url, f"cannot read the index ({e.strerror or e})",
-                          hint="check the connection and --storage-option credentials") from None
 
 
 class Fetch:
@@ -126,6 +90,7 @@ class ShardReader:
         if not isinstance(request_bytes, int) or request_bytes < 0:
             raise ConfigError(f"request_bytes={request_bytes!r}; must be an int >= 0 (0: one request per window)")
         self.encodings = {n: info.columns[n] for n in names}
+        self.format = get_format(info.format)  # the one place the manifest's name is looked at
         self.check_crc = check_crc
         # a local dataset is read in place: a cache would only copy it
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None and info.remote else None
@@ -184,7 +149,7 @@ class ShardReader:
         path = cached_path(self.cache_dir, shard) + ".index"
         if os.path.isfile(path):
             return _counted(read_index(path), shard, path)
-        data = _index_bytes(loc)
+        data = index_bytes(loc)
         table = _counted(parse_index(data, loc.url), shard, loc.url)
         write_atomic(path, data)
         return table
@@ -269,7 +234,7 @@ class ShardReader:
 
     # -- decoding (the caller's thread)
 
-    def read(self, shard: ShardInfo, start: int, stop: int) -> dict[str, Ragged]:
+    def read(self, shard: ShardInfo, start: int, stop: int) -> Columns:
         """Records ``[start, stop)`` of ``shard``, fetched now (no read-ahead)."""
         unit = next(self.plan([shard], [(0, start, stop)]))
         data = None if self._holds(unit) else self.fetch(unit)
@@ -280,59 +245,51 @@ class ShardReader:
         return (self.info.remote and self.cache_dir is None and unit.end is None and self._buf is not None
                 and self._buf[0] == self.info.shard_location(unit.shard).url)
 
-    def decode(self, unit: Fetch, data: Any, ranges: Sequence[tuple[int, int]]) -> dict[str, Ragged]:
+    def decode(self, unit: Fetch, data: Any, ranges: Sequence[tuple[int, int]]) -> Columns:
         """Records of ``ranges`` (``[start, stop)`` pairs of ``unit.shard``, in that order) from
-        ``data`` (what ``fetch`` returned); TFRecord ranges are decoded in one call, so a window
-        of many small shuffle blocks costs about what one run of records does."""
+        ``data`` (what ``fetch`` returned); the format decodes them together where it can (a
+        TFRecord window of many small shuffle blocks costs about what one run of records does)."""
         buf, base, path, crc = self._bytes(unit, data)
-        with _shard_numbering(ranges, base):
+        with shard_numbering(ranges, base):
             frames = [self._frames(unit.shard, a, b, buf, base, path) for a, b in ranges]
-            if self.info.format == "webdataset":
-                from dlpipe.formats.wds import read_samples
-
-                parts = [read_samples(buf, self.encodings, path=path, sample_offsets=f)[1] for f in frames]
-                return concat_parts([{n: p[n] for n in self.encodings} for p in parts], self.encodings)
-            return self._read_tfrecord(buf, frames, path, crc=crc)
+            return self.format.decode(buf, frames, self.encodings, path=path, check_crc=crc,
+                                      stored=tuple(self.info.columns))
 
     def payloads(self, unit: Fetch, data: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(buffer, starts, ends) of the serialized records ``[start, stop)`` (CRCs checked as in
         ``decode``): what TFRecordDataset would yield, for tf.data over object storage."""
         buf, base, path, crc = self._bytes(unit, data)
-        with _shard_numbering([(start, stop)], base):
+        with shard_numbering([(start, stop)], base):
             frames = self._frames(unit.shard, start, stop, buf, base, path)
-            if crc:
-                check_frame_crcs(buf, frames, path=path)
-        starts, ends = payload_bounds(frames)
+            starts, ends = self.format.payloads(buf, frames, path=path, check_crc=crc)
         return buf, starts, ends
 
     def serialized(self, unit: Fetch, data: Any, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The serialized records of ``ranges`` (as in ``decode``) as (bytes, starts, ends): each
         range's frames copied whole, back to back (a view, for one range), CRCs checked as in
         ``decode``."""
-        if self.info.format != "tfrecord":
+        if not self.format.supports_serialized:
             raise ConfigError(f"{self.info.root} holds {self.info.format!r} shards, not serialized Examples")
         buf, base, path, crc = self._bytes(unit, data)
         pieces, starts, ends, at = [], [], [], 0
-        with _shard_numbering(ranges, base):
+        with shard_numbering(ranges, base):
             for a, b in ranges:
                 frames = self._frames(unit.shard, a, b, buf, base, path)
-                if crc:
-                    check_frame_crcs(buf, frames, path=path)
+                first, last = self.format.payloads(buf, frames, path=path, check_crc=crc)
                 lo, hi = int(frames[0]), int(frames[-1])
-                first, last = payload_bounds(frames)
                 pieces.append(buf[lo:hi])
                 starts.append(first - lo + at)
                 ends.append(last - lo + at)
                 at += hi - lo
-        packed = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        return packed, np.concatenate(starts), np.concatenate(ends)
+        joined = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return joined, np.concatenate(starts), np.concatenate(ends)
 
     def _bytes(self, unit: Fetch, data: Any) -> tuple[np.ndarray, int, str, bool]:
         """(buffer, shard offset of its first byte, path or URL for errors, whether to check CRCs)."""
-        shard, tfrecord = unit.shard, self.info.format == "tfrecord"
+        shard, crcs = unit.shard, self.format.record_crcs and self.check_crc
         if not self.info.remote or self.cache_dir is not None:
             path = data if isinstance(data, str) else os.path.join(self.info.root, shard.path)
-            crc = tfrecord and self.check_crc and not self._verified(shard, path)
+            crc = crcs and not self._verified(shard, path)
             if self.info.compression is None:  # memory maps cost little to keep: a shuffle's
                 buf = self._maps.pop(path, None)  # windows visit many shards in turn
                 if buf is None:
@@ -347,11 +304,11 @@ class ShardReader:
             return kept[1], 0, path, crc
         url = self.info.shard_location(shard).url
         if unit.end is not None:  # a range: CRCs stand in for the whole file's SHA-256
-            return data, unit.start, url, tfrecord and self.check_crc and not unit.whole_file_ok
+            return data, unit.start, url, crcs and not unit.whole_file_ok
         kept = self._buf
         if kept is None or kept[0] != url:  # a shard's later windows reuse its decompressed stream
             kept = self._buf = (url, decompress(data, self.info.compression, url) if self.info.compression else data)
-        return kept[1], 0, url, tfrecord and self.check_crc and shard.path not in self._intact
+        return kept[1], 0, url, crcs and shard.path not in self._intact
 
     def _frames(self, shard: ShardInfo, start: int, stop: int, buf: np.ndarray, base: int, path: str) -> np.ndarray:
         """Frame offsets of records ``[start, stop)`` in ``buf`` (from the index), n + 1 of them."""
@@ -385,33 +342,11 @@ class ShardReader:
             self._intact.add(shard.path)
         return True
 
-    def _read_tfrecord(self, buf: np.ndarray, runs: Sequence[np.ndarray], path: str, *, crc: bool) -> dict[str, Ragged]:
-        """Decode runs of records (frame offsets of each run, n + 1 each) as one batch."""
-        if crc:
-            for f in runs:
-                check_frame_crcs(buf, f, path=path)
-        bounds = [payload_bounds(f) for f in runs]
-        starts = np.concatenate([b[0] for b in bounds])
-        ends = np.concatenate([b[1] for b in bounds])
-        return self.decode_payloads(buf, starts, ends, path, np.concatenate([f[:-1] for f in runs]))
-
-    def decode_payloads(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, path: str,
-                        frames: np.ndarray) -> dict[str, Ragged]:
-        """Serialized Examples ``buf[starts[i]:ends[i]]`` (already checked) as ragged columns;
-        errors name ``path`` and ``frames[i]``."""
-        from dlpipe.formats.example_decode import decode_examples
-
-        feats = decode_examples(buf, starts, ends, path=path, frame_offsets=frames)
-        n = len(starts)
-        out = {}
-        for name, enc in self.encodings.items():
-            f = feats.get(name)
-            if f is None or (n and not f.present.all()):
-                i = 0 if f is None else int(np.flatnonzero(~f.present)[0])
-                raise FormatError(path, f"record lacks column {name!r}", offset=int(frames[i]), record=i,
-                                  hint="the shard does not match its manifest; rerun dlpipe reshard")
-            out[name] = _typed(f, enc, n, path, frames)
-        return out
+    def decode_serialized(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, path: str,
+                          frames: np.ndarray) -> Columns:
+        """Serialized records ``buf[starts[i]:ends[i]]`` (from ``serialized``, already checked) as
+        ragged columns; errors name ``path`` and ``frames[i]``."""
+        return self.format.decode_serialized(buf, starts, ends, self.encodings, path=path, frames=frames)
 
 
 def _counted(table: np.ndarray, shard: ShardInfo, where: str) -> np.ndarray:
@@ -419,72 +354,3 @@ def _counted(table: np.ndarray, shard: ShardInfo, where: str) -> np.ndarray:
         raise FormatError(where, f"index lists {len(table)} records; the manifest says {shard.num_records}",
                           hint="the index or manifest was changed; rerun dlpipe reshard")
     return table
-
-
-@contextlib.contextmanager
-def _shard_numbering(ranges: Sequence[tuple[int, int]], base: int) -> Iterator[None]:
-    """Re-raise a FormatError with its record and byte offset counted from the start of the
-    shard (decoding numbers them within the ranges it was given, one after another)."""
-    try:
-        yield
-    except FormatError as e:
-        if not base and (e.record is None or (len(ranges) == 1 and ranges[0][0] == 0)):
-            raise
-        record = None
-        if e.record is not None:
-            sizes = np.array([b - a for a, b in ranges])
-            k = min(int(np.searchsorted(np.cumsum(sizes), e.record, side="right")), len(ranges) - 1)
-            record = ranges[k][0] + e.record - int(sizes[:k].sum())
-        offset = None if e.offset is None else e.offset + base
-        raise type(e)(e.path, e.detail, offset=offset, record=record, hint=e.hint) from None
-
-
-def _typed(f, enc: ColumnEncoding, n: int, path: str, frames: np.ndarray) -> Ragged:
-    """A decoded feature as values in the logical dtype with element row splits."""
-    if f.kind == "bytes":
-        storage = np.dtype(enc.storage_dtype).newbyteorder("<")
-        data, byte_splits = f.single_bytes(path=path)
-        bad = np.flatnonzero(np.diff(byte_splits) % storage.itemsize)
-        if len(bad):
-            i = int(bad[0])
-            raise FormatError(path, f"column {enc.name!r} holds a partial {storage} value",
-                              offset=int(frames[i]), record=i, hint="rerun dlpipe reshard")
-        values = data[byte_splits[0] : byte_splits[-1]].view(storage)
-        splits = (byte_splits - byte_splits[0]) // storage.itemsize
-    else:
-        values, splits = f.values, f.row_splits
-    counts = np.diff(splits)
-    if enc.variable:
-        bad = np.flatnonzero(counts % enc.inner if enc.inner else counts)
-    else:
-        bad = np.flatnonzero(counts != enc.inner)
-    if len(bad):
-        i = int(bad[0])
-        raise FormatError(path, f"column {enc.name!r} holds {int(counts[i])} values, which do not make "
-                          f"records of shape {list(enc.shape)}", offset=int(frames[i]), record=i,
-                          hint="the shard does not match its manifest; rerun dlpipe reshard")
-    dtype = np.dtype(enc.dtype)
-    if len(values) and values.dtype.kind in "iu" and not np.can_cast(values.dtype, dtype, "safe"):
-        # narrowest storage (uint8 for int8 data in [0, 127]): the values must fit the dtype
-        lo, hi = int(values.min()), int(values.max())
-        top = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
-        if lo < top[0] or hi > top[1]:
-            raise FormatError(path, f"column {enc.name!r} holds values {lo}..{hi}, outside its dtype {dtype}",
-                              hint="the shard does not match its manifest; rerun dlpipe reshard")
-    return values.astype(dtype, copy=False), splits.astype(np.int64, copy=False)
-
-
-def concat_parts(parts: list[dict[str, Ragged]], encodings) -> dict[str, Ragged]:
-    """Ragged columns of consecutive record ranges as one."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for name in encodings:
-        values = np.concatenate([p[name][0] for p in parts])
-        splits = [np.zeros(1, np.int64)]
-        base = 0
-        for p in parts:
-            splits.append(p[name][1][1:] - p[name][1][0] + base)
-            base = int(splits[-1][-1]) if len(splits[-1]) else base
-        out[name] = (values, np.concatenate(splits))
-    return out

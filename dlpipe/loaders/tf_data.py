@@ -7,13 +7,12 @@ all graph ops, no ``py_function`` and no ``from_generator``::
     shard files ─ shuffle (per epoch, seeded) ─ interleave(TFRecordDataset) ─ shuffle(records)
       ─ batch ─ ONE parse_example per batch ─ decode + pad to the shared rule ─ prefetch
 
-"raw" columns are decoded with ``tf.io.decode_raw(..., fixed_length=width)``, which pads every
-record with zero bytes to the batch width in one pass; pad values other than 0 and left padding
-are applied afterwards with a mask. Lengths come from ``tf.strings.length`` without decoding.
-Padding follows ``dlpipe.loaders.common.collate`` (pad to the longest record, rounded up to
-``pad_to_multiple_of``, or to the smallest bucket boundary that fits), so TF and PyTorch batches
-match. Length bucketing groups serialized records by bucket with ``group_by_window`` before
-parsing, so every batch is padded to exactly one boundary: a small fixed set of shapes.
+Decoding and padding (``dlpipe.loaders.tf_decode.BatchDecoder``) follow
+``dlpipe.loaders.common.collate``, so TF and PyTorch batches match; this module reads the files
+(interleave, or the epoch plan of ``dlpipe.loaders.tf_plan``) and groups records into batches.
+Length bucketing groups serialized records by bucket with ``group_by_window`` before parsing, so
+every batch is padded to exactly one boundary: a small fixed set of shapes. The arguments both
+front ends share are checked once, as ``dlpipe.loaders.options.LoaderOptions``.
 
 Return structure follows HF ``Dataset.to_tf_dataset``: ``columns=None`` gives a dict of every
 column (plus ``attention_mask``); with ``columns`` / ``label_cols`` a ``features`` dict (or the
@@ -24,6 +23,13 @@ from the lengths of the first variable column, as ``DataCollatorWithPadding`` do
 A dataset in object storage (``load_dataset("s3://...", storage_options=..., cache_dir=...)``)
 is read through local cached copies or, without ``cache_dir``, through dlpipe's range reader
 feeding the same graph; ``dlpipe.loaders.tf_remote`` says how and why.
+
+**Checkpoints**: ``tf.train.Checkpoint(iterator=it)`` saves and restores an iterator's position
+in the pipelines that read files front to back (local or cached shards, unshuffled, or
+compressed and shuffled). The global shuffle and any split over ranks (the epoch plan,
+``tf_plan``), and remote shards without ``cache_dir`` (``tf_remote``), are fed by
+``from_generator``, which TensorFlow cannot save: writing the checkpoint raises
+``FailedPreconditionError`` ("PyFunc is stateful"); resume those by epoch (``ds.set_epoch``).
 
 A corrupt local shard is found before TensorFlow reads it: each file is checked once per
 process against the manifest's SHA-256 (dlpipe's reader does the same on the shuffled path), and
@@ -39,177 +45,19 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from dlpipe._deps import require
-from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import MASK, default_boundaries, rank_share
+from dlpipe.loaders.common import MASK
+from dlpipe.loaders.options import LoaderOptions, resolve_shuffle
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
 
+from dlpipe.loaders.tf_decode import BatchDecoder  # noqa: E402
+
 _COMPRESSION = {None: "", "gzip": "GZIP", "zlib": "ZLIB"}
-# decode_raw lacks these dtypes: decode the same-width signed type and bitcast
-_BITCAST_FROM = {"uint32": tf.int32, "uint64": tf.int64}
 _CHUNK = 1024  # records per parse_example call when records are regrouped after parsing
 _BLOCK = 64  # serialized records per interleave/shuffle element (see _records)
 _MAX_CYCLE = 16  # default files read at once: fixed, so a seeded order is the same on every host
-
-
-class BatchDecoder:
-    """Serialized Examples → a dict of dense, padded tensors in the logical dtypes (graph ops)."""
-
-    def __init__(
-        self,
-        encodings: Mapping[str, ColumnEncoding],
-        pad_values: Mapping[str, Any],
-        *,
-        pad_to_multiple_of: int | None,
-        boundaries: Sequence[int] | None,
-        padding_side: str,
-        return_attention_mask: bool,
-    ) -> None:
-        self.encodings = dict(encodings)
-        self.pad_values = {n: pad_values.get(n, 0) for n in encodings}
-        self.multiple = pad_to_multiple_of
-        self.boundaries = list(boundaries or [])
-        self.left = padding_side == "left"
-        self.mask = return_attention_mask and MASK not in encodings
-        self.spec = {n: _feature(e) for n, e in self.encodings.items()}
-        variable = [n for n, e in self.encodings.items() if e.variable]
-        self.length_column = variable[0] if variable else None
-
-    def __call__(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, self.spec)
-        out, mask = {}, None
-        for name, enc in self.encodings.items():
-            if not enc.variable:
-                out[name] = _fixed(parsed[name], enc)
-                continue
-            values, steps, width = self._dense(parsed[name], enc)
-            pos = tf.range(width, dtype=tf.int64)[None, :]
-            real = pos >= (width - steps)[:, None] if self.left else pos < steps[:, None]
-            if self.left:  # the decode is right-padded: shift row i right by width - steps[i]
-                values = tf.gather(
-                    values, tf.maximum(pos - (width - steps)[:, None], 0), batch_dims=1
-                )
-            pad = self.pad_values[name]
-            if self.left or pad != 0:
-                keep = tf.reshape(
-                    real, tf.concat([tf.shape(real), tf.ones([len(enc.shape) - 1], tf.int32)], 0)
-                )
-                values = tf.where(keep, values, tf.cast(pad, values.dtype))
-            out[name] = values
-            if mask is None:
-                mask = real
-        if self.mask and mask is not None:
-            out[MASK] = tf.cast(mask, tf.int64)
-        return out
-
-    def _dense(
-        self, value: tf.Tensor, enc: ColumnEncoding
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Right-padded (zeros) values [B, width, *inner], steps [B] and width (int64)."""
-        batch = tf.shape(value, out_type=tf.int64)[0] if enc.encoding == "raw" else value.nrows()
-        steps = _steps(value, enc, check=True)
-        width = self.width(tf.reduce_max(tf.concat([steps, [0]], 0)))
-        if enc.encoding == "raw":
-            item = np.dtype(enc.storage_dtype).itemsize
-            # fixed_length must be > 0, so an all-empty batch decodes one value and slices it off
-            nbytes = tf.maximum(width * enc.inner * item, item)
-            flat = tf.io.decode_raw(value, _storage(enc), fixed_length=tf.cast(nbytes, tf.int32))
-            flat = _bitcast(flat[:, : width * enc.inner], enc)
-        else:
-            flat = value.to_tensor(0, shape=tf.stack([batch, width * enc.inner]))
-        values = tf.reshape(flat, tf.concat([tf.stack([batch, width]), list(enc.shape[1:])], 0))
-        return tf.cast(values, enc.dtype), steps, width
-
-    def width(self, longest: tf.Tensor) -> tf.Tensor:
-        """``common.padded_length`` in graph ops."""
-        rounded = longest
-        if self.multiple:
-            rounded = (longest + self.multiple - 1) // self.multiple * self.multiple
-        if not self.boundaries:
-            return rounded
-        bounds = tf.constant(self.boundaries, tf.int64)
-        i = tf.searchsorted(bounds, longest[None], side="left")[0]
-        return tf.where(
-            i < len(self.boundaries), tf.gather(tf.concat([bounds, [0]], 0), i), rounded
-        )
-
-    def steps(self, serialized: tf.Tensor) -> tf.Tensor:
-        """Lengths (steps of the variable axis) of ``length_column``, parsing only that column."""
-        name = self.length_column
-        value = tf.io.parse_example(serialized, {name: self.spec[name]})[name]
-        return _steps(value, self.encodings[name])
-
-    def ragged(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Unpadded rows (for ``batch_size=None``): RaggedTensors, unbatched to plain tensors."""
-        parsed = tf.io.parse_example(serialized, self.spec)
-        out, lengths = {}, None
-        for name, enc in self.encodings.items():
-            if not enc.variable:
-                out[name] = _fixed(parsed[name], enc)
-                continue
-            value, steps = parsed[name], _steps(parsed[name], enc, check=True)
-            if enc.encoding == "raw":
-                flat = _bitcast(tf.io.decode_raw(tf.strings.reduce_join(value), _storage(enc)), enc)
-            else:
-                flat = value.flat_values
-            flat = tf.cast(tf.reshape(flat, [-1, *enc.shape[1:]]), enc.dtype)
-            out[name] = tf.RaggedTensor.from_row_lengths(flat, steps)
-            lengths = steps if lengths is None else lengths
-        if self.mask and lengths is not None:
-            out[MASK] = tf.RaggedTensor.from_row_lengths(
-                tf.ones([tf.reduce_sum(lengths)], tf.int64), lengths
-            )
-        return out
-
-
-def _steps(value: Any, enc: ColumnEncoding, *, check: bool = False) -> tf.Tensor:
-    """Steps of the variable axis per record (int64), from byte lengths without decoding."""
-    if enc.encoding != "raw":
-        return value.row_lengths() // enc.inner
-    step = np.dtype(enc.storage_dtype).itemsize * enc.inner
-    nbytes = tf.strings.length(value)
-    if check:  # decode_raw would silently drop a partial value
-        message = f"column {enc.name!r} holds a partial value"
-        tf.debugging.assert_equal(nbytes % step, 0, message=message)
-    return tf.cast(nbytes // step, tf.int64)
-
-
-def _feature(enc: ColumnEncoding) -> Any:
-    if enc.encoding == "raw":
-        return tf.io.FixedLenFeature([], tf.string)
-    kind = tf.int64 if enc.encoding == "int64_list" else tf.float32
-    if enc.variable:
-        return tf.io.RaggedFeature(kind, row_splits_dtype=tf.int64)
-    return tf.io.FixedLenFeature([enc.inner], kind)
-
-
-def _storage(enc: ColumnEncoding) -> tf.DType:
-    return _BITCAST_FROM.get(enc.storage_dtype) or tf.as_dtype(enc.storage_dtype)
-
-
-def _bitcast(values: tf.Tensor, enc: ColumnEncoding) -> tf.Tensor:
-    if enc.storage_dtype in _BITCAST_FROM:
-        return tf.bitcast(values, tf.as_dtype(enc.storage_dtype))
-    return values
-
-
-def _fixed(value: tf.Tensor, enc: ColumnEncoding) -> tf.Tensor:
-    if enc.encoding == "raw":  # equal lengths by construction; decode_raw fails loudly otherwise
-        value = _bitcast(tf.io.decode_raw(value, _storage(enc)), enc)
-    return tf.cast(tf.reshape(value, [-1, *enc.shape]), enc.dtype)
-
-
-def _names(value: str | Sequence[str] | None, param: str) -> list[str] | None:
-    if value is None:
-        return None
-    names = [value] if isinstance(value, str) else list(value)
-    if len(set(names)) < len(names):
-        raise ConfigError(f"{param}={names!r} contains duplicates")
-    return names
 
 
 def _input_workers() -> int:
@@ -252,7 +100,8 @@ def to_tf_dataset(
       epoch), records within a ``buffer_size`` window; ``dlpipe.loaders.tf_plan``), giving the
       same batches; each new iteration of the returned dataset (each Keras epoch) plays the next
       epoch. Compressed shards are read front to back: shard order and a ``buffer_size`` record
-      buffer are shuffled with ``seed + ds.epoch``. ``seed`` overrides ``ds``'s seed.
+      buffer are shuffled with ``seed + ds.epoch``. ``seed`` overrides ``ds``'s seed; no seed
+      draws a random one per call (``dlpipe.loaders.options.resolve_shuffle``, as PyTorch's).
     - ``collate_fn``: a graph-traceable function of the padded batch dict (plus
       ``collate_fn_args``) returning a dict; it runs inside ``Dataset.map``, not on numpy lists
       (padding is done natively, so HF's ``DataCollatorWithPadding`` is not needed).
@@ -273,55 +122,41 @@ def to_tf_dataset(
             f"{info.root} holds {info.format!r} shards; tf.data reads the TFRecord format. "
             "Reshard with --format tfrecord (format='tfrecord'), or use to_torch_dataloader"
         )
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size}; use None (unbatched) or an integer >= 1")
-    if padding_side not in ("right", "left"):
-        raise ConfigError(f"padding_side={padding_side!r}; use 'right' or 'left'")
-    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-        raise ConfigError(f"pad_to_multiple_of={pad_to_multiple_of}; use None or an integer >= 1")
-    if num_workers < 0 or (cycle_length is not None and cycle_length < 1):
-        raise ConfigError(
-            f"num_workers={num_workers} must be >= 0 and cycle_length={cycle_length} None or >= 1"
-        )
-    features, labels = _names(columns, "columns"), _names(label_cols, "label_cols") or []
-    if labels and not features:
-        raise ConfigError("label_cols needs columns too (as in HF to_tf_dataset)")
-
+    if num_workers < 0:
+        raise ConfigError(f"num_workers={num_workers!r}; use an int >= 0 (0: AUTOTUNE)")
+    if cycle_length is not None and cycle_length < 1:
+        raise ConfigError(f"cycle_length={cycle_length!r}; use None (min(shards, 16)) or an int >= 1")
+    opts = LoaderOptions(
+        batch_size=batch_size, drop_last=drop_remainder, pad_to_multiple_of=pad_to_multiple_of,
+        padding_side=padding_side, bucket_boundaries=bucket_boundaries,
+        return_attention_mask=return_attention_mask, shuffle=shuffle, seed=seed,
+        world_size=world_size, rank=rank, uneven=uneven, columns=columns, label_cols=label_cols,
+    )
+    if opts.world_size is None:
+        opts = opts.with_world(1, 0)
+    features = None if opts.columns is None else list(opts.columns)
+    labels = list(opts.label_cols)
     wanted = None if features is None or collate_fn is not None else features + labels
-    load = [c for c in ds.columns if wanted is None or c in wanted]
-    unknown = [c for c in (wanted or []) if c not in info.columns and c != MASK]
-    if unknown:
-        raise ConfigError(
-            f"columns {unknown} are not in {info.root}; columns: {', '.join(ds.columns)}"
-            f"{', ' + MASK if return_attention_mask else ''}"
-        )
-    encodings = {n: info.columns[n] for n in load}
-    boundaries = None
-    if bucket_boundaries is not None:
-        boundaries = _boundaries(bucket_boundaries, info, encodings, batch_size, pad_to_multiple_of)
+    if wanted is not None:  # a collate_fn may make columns of its own (checked by _batch_fn)
+        opts.check_columns(info, ds.columns)
+    encodings = {n: info.columns[n] for n in ds.columns if wanted is None or n in wanted}
+    boundaries = opts.boundaries(info, encodings)
     # a mask nobody selected is not computed (it is dropped by the HF split anyway)
     mask_used = wanted is None or MASK in wanted
     decoder = BatchDecoder(
         encodings,
         info.pad_values,
-        pad_to_multiple_of=pad_to_multiple_of,
+        pad_to_multiple_of=opts.pad_to_multiple_of,
         boundaries=boundaries,
-        padding_side=padding_side,
-        return_attention_mask=return_attention_mask and mask_used,
+        padding_side=opts.padding_side,
+        return_attention_mask=opts.return_attention_mask and mask_used,
     )
 
-    ds = ds.with_shuffle(shuffle, seed)  # the PyTorch loader's rule: unseeded = a random seed
-    shuffle, seed = ds.shuffled, ds.shuffle_seed
-    if (world_size is None) != (rank is None):
-        raise ConfigError(f"pass both world_size and rank, or neither (got world_size={world_size}, rank={rank})")
-    world_size, rank = (1, 0) if world_size is None else (int(world_size), int(rank))
-    rank_share(1, world_size, rank, uneven)  # checks them
-    if world_size > 1 and shuffle and not ds.seed_given:
-        raise ConfigError("shuffling across several ranks needs the same seed on every rank; pass "
-                          "ds.shuffle(seed=...) or to_tf_dataset(seed=...)")
+    ds, shuffle_state = resolve_shuffle(ds, opts)  # one rule with PyTorch: unseeded = a random seed
+    batch_size, drop_remainder = opts.batch_size, opts.drop_last
     # shuffled shards that can be read from the middle, and any split over ranks, follow the
     # epoch plan (a global shuffle; record ranges per rank)
-    planned = (shuffle and ds.block_records is not None) or world_size > 1
+    planned = opts.world_size > 1 or (shuffle_state.shuffled and shuffle_state.block_records is not None)
     if deterministic is None:
         deterministic = True
     parallel = num_workers or tf.data.AUTOTUNE
@@ -330,18 +165,18 @@ def to_tf_dataset(
         from dlpipe.loaders.tf_plan import planned_batches
 
         files = []
-        data = planned_batches(ds, batch_size or _CHUNK, seed=int(seed or 0), shuffle=shuffle,
+        data = planned_batches(ds, batch_size or _CHUNK, seed=shuffle_state.plan_seed,
+                               shuffle=shuffle_state.shuffled,
                                drop_remainder=drop_remainder and batch_size is not None,
-                               world_size=world_size, rank=rank, uneven=uneven)
+                               world_size=opts.world_size, rank=opts.rank, uneven=opts.uneven)
     else:
-        seed = None if seed is None else int(seed) + ds.epoch
         files, open_file = _shard_files(ds, _COMPRESSION[info.compression])
         data = _records(
             files,
             open_file,
-            shuffle=shuffle,
-            seed=seed,
-            buffer_size=ds.buffer_size,
+            shuffle=shuffle_state.shuffled,
+            seed=None if shuffle_state.seed is None else shuffle_state.seed + shuffle_state.epoch,
+            buffer_size=shuffle_state.buffer_size,
             cycle_length=cycle_length,
             deterministic=deterministic,
         )
@@ -367,6 +202,8 @@ def to_tf_dataset(
     options.experimental_distribute.auto_shard_policy = (
         policy.FILE if native and len(files) >= _input_workers() else policy.DATA
     )
+    if native and not planned:  # checkpointable: the per-file SHA-256 check holds no state
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     data = data.with_options(options)
     return data.prefetch(tf.data.AUTOTUNE) if prefetch else data
 
@@ -436,33 +273,6 @@ def _records(
     return data
 
 
-def _boundaries(
-    value: Sequence[int] | str,
-    info: Any,
-    encodings: Mapping[str, ColumnEncoding],
-    batch_size: int | None,
-    multiple: int | None,
-) -> list[int]:
-    variable = [n for n, e in encodings.items() if e.variable]
-    if batch_size is None or not variable:
-        raise ConfigError(
-            f"bucket_boundaries={value!r} needs a batch_size and a variable-length column "
-            f"(got batch_size={batch_size}, variable columns {variable})"
-        )
-    if isinstance(value, str):
-        if value != "auto":
-            raise ConfigError(
-                f"bucket_boundaries={value!r}; use 'auto' or a sorted list of lengths"
-            )
-        return default_boundaries(info, variable[0], pad_to_multiple_of=multiple)
-    bounds = [int(b) for b in value]
-    if not bounds or bounds[0] < 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
-        raise ConfigError(
-            f"bucket_boundaries={list(value)!r}; use strictly increasing lengths >= 1"
-        )
-    return bounds
-
-
 def _group_by_bucket(
     records: tf.data.Dataset,
     decoder: BatchDecoder,
@@ -481,7 +291,7 @@ def _group_by_bucket(
 
     def keyed(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return serialized, tf.searchsorted(
-            bounds, decoder.steps(serialized), side="left", out_type=tf.int64
+            bounds, decoder.record_lengths(serialized), side="left", out_type=tf.int64
         )
 
     keyed_records = (

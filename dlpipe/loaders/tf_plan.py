@@ -50,11 +50,11 @@ def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool
     rank, batch by batch as ``to_torch_dataloader(batch_size=batch_size, world_size=world_size,
     rank=rank)`` makes them (ranks take equal record ranges of the epoch order, so any number of
     ranks works with any number of shards)."""
-    reader, shards = ds.reader(), ds.shards
+    reader, shards, config = ds.reader(), ds.shards, ds.shuffle_config
     sizes = [s.num_records for s in shards]
-    per_window = buffer_batches(ds.buffer_size, batch_size)
+    per_window = buffer_batches(config.buffer_size, batch_size)
     block_records = ds.block_records if shuffle else None
-    epochs = itertools.count(ds.epoch)
+    epochs = itertools.count(config.epoch)
     lock = threading.Lock()
 
     def chunks() -> Iterator[tuple[bytes, np.ndarray, np.ndarray, int]]:

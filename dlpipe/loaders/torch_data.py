@@ -47,11 +47,13 @@ dataset's ``prefetch_bytes``), or from a local ``cache_dir`` (see ``dlpipe.loade
 per-record dicts of numpy arrays (variable columns unpadded, as ``ShardDataset`` yields them),
 like a ``torch`` collate_fn; numpy arrays in a returned dict become tensors, anything else is
 yielded as it is. It is a per-record path: the built-in padding is much faster.
+
+The arguments shared with ``to_tf_dataset`` are checked once, as a
+``dlpipe.loaders.options.LoaderOptions``; shuffling follows ``options.resolve_shuffle``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -64,33 +66,25 @@ torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
 from dlpipe.loaders.common import (  # noqa: E402
-    UNEVEN,
-    Ragged,
+    MASK,
     buffer_batches,
-    collate,
-    default_boundaries,
     epoch_windows,
-    take_rows,
     window_batches,
     worker_windows,
 )
+from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
+from dlpipe.loaders.torch_batches import WorkerError, make_batch  # noqa: E402
+from dlpipe.loaders.torch_loader import check_worker_args, make_loader, resolve_world  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
     STATE_VERSION,
     DlpipeDataLoader,
     LoaderWorkerError,
-    WorkerError,
-    numpy_to_tensors,
     resume_point,
-    stateful_loader_class,
 )
 from dlpipe.loaders.windows import read_windows  # noqa: E402
 
-# A worker sends a batch up to this size as numpy arrays, pickled through the result pipe: for
-# small batches that is ~8x faster than tensors, each of which PyTorch moves into its own
-# shared-memory segment and passes as a file descriptor; bigger batches go as tensors.
-PIPE_BYTES = 1 << 20
 BUCKET_WINDOW_BATCHES = 64  # records grouped by length bucket come from windows of this many batches
 
 __all__ = [
@@ -102,32 +96,12 @@ __all__ = [
 ]
 
 
-def resolve_world(world_size: int | None = None, rank: int | None = None) -> tuple[int, int]:
-    """(world_size, rank): explicit arguments, else torch.distributed, else RANK/WORLD_SIZE, else (1, 0)."""
-    if (world_size is None) != (rank is None):
-        raise ConfigError(
-            f"pass both world_size and rank, or neither (got world_size={world_size}, rank={rank})"
-        )
-    if world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            world_size, rank = dist.get_world_size(), dist.get_rank()
-        elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-            world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        else:
-            world_size, rank = 1, 0
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(
-            f"rank={rank}, world_size={world_size}; need world_size >= 1 and 0 <= rank < world_size"
-        )
-    return int(world_size), int(rank)
-
-
 class ShardIterableDataset(IterableDataset):
     """Padded batches of a ShardDataset for one rank; see the module docstring.
 
     Shuffling (seed, ``buffer_size``) and the starting epoch come from the ShardDataset's
-    ``shuffle``/``set_epoch`` state. ``len()`` is the number of batches per epoch on this rank.
+    ``shuffle``/``set_epoch`` state (its ``shuffle_config``). ``len()`` is the number of batches
+    per epoch on this rank. ``from_options`` makes one from checked ``LoaderOptions``.
     """
 
     def __init__(
@@ -145,68 +119,58 @@ class ShardIterableDataset(IterableDataset):
         uneven: str = "pad",
         return_attention_mask: bool = True,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size!r}; must be an int >= 1")
-        if pad_to_multiple_of is not None and (
-            not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
-        ):
-            raise ConfigError(
-                f"pad_to_multiple_of={pad_to_multiple_of!r}; must be None or an int >= 1"
-            )
-        if padding_side not in ("right", "left"):
-            raise ConfigError(f"padding_side={padding_side!r}; use 'right' or 'left'")
-        if uneven not in UNEVEN:
-            raise ConfigError(f"uneven={uneven!r}; use 'pad' or 'drop'")
-        self.source = source
-        self.batch_size = batch_size
-        self.drop_last = bool(drop_last)
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.padding_side = padding_side
+        options = LoaderOptions(
+            batch_size=batch_size, drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side, bucket_boundaries=bucket_boundaries, world_size=world_size,
+            rank=rank, uneven=uneven, return_attention_mask=return_attention_mask,
+        )
+        self._setup(source, options, collate_fn)
+
+    @classmethod
+    def from_options(
+        cls,
+        source: Any,
+        options: LoaderOptions,
+        collate_fn: Callable[[list[dict[str, np.ndarray]]], Any] | None = None,
+    ) -> ShardIterableDataset:
+        """The dataset of ``source`` under ``options`` (its shuffle, seed, world and padding)."""
+        self = cls.__new__(cls)
+        self._setup(source, options, collate_fn)
+        return self
+
+    def _setup(self, source: Any, options: LoaderOptions, collate_fn: Callable | None) -> None:
+        if options.batch_size is None:
+            raise ConfigError("batch_size=None; the PyTorch loader needs an int >= 1 (None, "
+                              "unbatched records, is to_tf_dataset's)")
+        options = options.with_world(*resolve_world(options.world_size, options.rank))
+        if options.label_cols:
+            raise ConfigError(f"label_cols={list(options.label_cols)!r}: PyTorch batches are dicts; "
+                              "select columns with columns=[...] (or ds.select_columns)")
+        if options.columns is not None:  # the mask follows return_attention_mask
+            source = source.select_columns([c for c in options.columns if c != MASK])
+        self.source, self.shuffle_config = resolve_shuffle(source, options)
+        self.options = options  # shuffle/seed as passed; as resolved: self.shuffle_config
+        self.batch_size, self.drop_last, self.uneven = options.batch_size, options.drop_last, options.uneven
+        self.pad_to_multiple_of, self.padding_side = options.pad_to_multiple_of, options.padding_side
+        self.return_attention_mask = options.return_attention_mask
+        self.world_size, self.rank = options.world_size, options.rank
         self.collate_fn = collate_fn
-        self.uneven = uneven
-        self.return_attention_mask = return_attention_mask
-        self.world_size, self.rank = resolve_world(world_size, rank)
-        if self.world_size > 1 and source.shuffled and not source.seed_given:
-            raise ConfigError("shuffling across several ranks needs the same seed on every rank; pass "
-                              "ds.shuffle(seed=...) or to_torch_dataloader(seed=...)")
-        self.encodings = {n: source.info.columns[n] for n in source.columns}
+        self.encodings = {n: self.source.info.columns[n] for n in self.source.columns}
         self.length_column = next((n for n, e in self.encodings.items() if e.variable), None)
-        self.boundaries = self._boundaries(bucket_boundaries)
+        self.boundaries = options.boundaries(self.source.info, self.encodings)
         # records per window = the shuffle buffer; whole batches so windows never share one
-        self.window_batches = buffer_batches(source.buffer_size, batch_size)
+        self.window_batches = buffer_batches(self.shuffle_config.buffer_size, self.batch_size)
         if self.boundaries is not None:  # grouping by length needs many batches to choose from
             self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
-        self.block_records = source.block_records if source.shuffled else None
-        self._epoch = torch.tensor(int(source.epoch), dtype=torch.int64).share_memory_()
-        self._reader = source.reader()
+        self.block_records = self.shuffle_config.block_records
+        epoch = self.shuffle_config.epoch
+        self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
+        self._reader = self.source.reader()
         self._resume: dict[str, int] | None = None
-        self._progress = {
-            "epoch": int(source.epoch),
-            "batches_yielded": 0,
-            "worker": 0,
-            "num_workers": 1,
-        }
+        self._progress = {"epoch": epoch, "batches_yielded": 0, "worker": 0, "num_workers": 1}
         # set by dlpipe's loaders, whose iterators re-raise WorkerError batches and turn numpy
-        # batches from workers into tensors (see ``_collate``)
+        # batches from workers into tensors (see ``torch_batches``)
         self.loader_transport = False
-
-    def _boundaries(self, spec: Sequence[int] | str | None) -> list[int] | None:
-        if spec is None:
-            return None
-        if self.length_column is None:
-            raise ConfigError(
-                "bucket_boundaries need a variable-length column; the selected columns have none"
-            )
-        if spec == "auto":
-            return default_boundaries(
-                self.source.info, self.length_column, pad_to_multiple_of=self.pad_to_multiple_of
-            )
-        if isinstance(spec, str):
-            raise ConfigError(f"bucket_boundaries={spec!r}; use a list of lengths or 'auto'")
-        bounds = [int(b) for b in spec]
-        if not bounds or bounds != sorted(set(bounds)) or bounds[0] < 1:
-            raise ConfigError(f"bucket_boundaries={list(spec)!r}; need increasing lengths >= 1")
-        return bounds
 
     # -- epoch and plan
     @property
@@ -222,11 +186,11 @@ class ShardIterableDataset(IterableDataset):
 
     @property
     def shuffle(self) -> bool:
-        return self.source.shuffled
+        return self.shuffle_config.shuffled
 
     @property
     def seed(self) -> int:
-        return self.source.shuffle_seed or 0
+        return self.shuffle_config.plan_seed
 
     def plan_settings(self) -> dict[str, Any]:
         """The settings the epoch plan depends on (a checkpoint resumes only under the same)."""
@@ -235,7 +199,7 @@ class ShardIterableDataset(IterableDataset):
             "drop_last": self.drop_last,
             "shuffle": self.shuffle,
             "seed": self.seed,
-            "buffer_size": self.source.buffer_size,
+            "buffer_size": self.shuffle_config.buffer_size,
             "block_records": self.block_records,
             "world_size": self.world_size,
             "rank": self.rank,
@@ -348,7 +312,9 @@ class ShardIterableDataset(IterableDataset):
                     boundaries=self.boundaries,
                 )
                 for rows in order[first:]:
-                    batch = self._collate(cols, rows, in_worker)
+                    batch = make_batch(cols, rows, self.encodings, self.source.info.pad_values,
+                                       self.options, self.boundaries, self.collate_fn,
+                                       in_worker=in_worker)
                     self._progress["batches_yielded"] += 1
                     yield batch
         except GeneratorExit:  # closed early (or at exit, when module globals may be gone)
@@ -359,38 +325,6 @@ class ShardIterableDataset(IterableDataset):
             yield WorkerError(e, worker_id)
         finally:
             windows_read.close()
-
-    def _collate(self, cols: dict[str, Ragged], rows: np.ndarray, in_worker: bool) -> Any:
-        if self.collate_fn is not None:
-            out = self.collate_fn(self._records(cols, rows))
-        else:
-            out = collate(
-                {n: cols[n] for n in self.encodings},
-                self.encodings,
-                self.source.info.pad_values,
-                rows=rows,
-                pad_to_multiple_of=self.pad_to_multiple_of,
-                boundaries=self.boundaries,
-                padding_side=self.padding_side,
-                return_attention_mask=self.return_attention_mask,
-            )
-        if not isinstance(out, dict):
-            return out
-        if (
-            in_worker
-            and sum(v.nbytes for v in out.values() if isinstance(v, np.ndarray)) <= PIPE_BYTES
-        ):
-            return out  # pickled through the pipe; the loader's iterator makes the tensors
-        return numpy_to_tensors(out)
-
-    def _records(self, cols: dict[str, Ragged], rows: np.ndarray) -> list[dict[str, np.ndarray]]:
-        out: list[dict[str, np.ndarray]] = [{} for _ in rows]
-        for name, enc in self.encodings.items():
-            values, splits = take_rows(cols[name], rows)
-            inner = tuple(enc.shape[1:]) if enc.variable else tuple(enc.shape)
-            for rec, part in zip(out, np.split(values, splits[1:-1])):
-                rec[name] = part.reshape((-1, *inner)) if enc.variable else part.reshape(inner)
-        return out
 
 
 def to_torch_dataloader(
@@ -418,7 +352,7 @@ def to_torch_dataloader(
 
     ``shuffle=True`` on a dataset not yet ``ds.shuffle(...)``-d shuffles it with ``seed`` (a
     random one when None, recorded in ``state_dict``); a shuffled ``ds`` is shuffled either way,
-    and ``seed`` then replaces its seed (``ShardDataset.with_shuffle``, shared with tf.data).
+    and ``seed`` then replaces its seed (``loaders.options.resolve_shuffle``, shared with tf.data).
     ``bucket_boundaries``: lengths, or ``"auto"`` for ``default_boundaries`` of the first variable
     column; each batch is padded to the smallest boundary that fits (records are grouped by
     bucket within a window). Returns a ``DlpipeDataLoader``, or with ``stateful=True`` a
@@ -427,42 +361,15 @@ def to_torch_dataloader(
     seconds, ends the epoch with ``LoaderWorkerError``.
     """
     require("torch", "to_torch_dataloader")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(f"num_workers={num_workers!r}; must be an int >= 0")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise ConfigError(f"timeout={timeout!r}; must be a number of seconds >= 0 (0: wait forever)")
-    if num_workers == 0 and (prefetch_factor is not None or persistent_workers):
-        raise ConfigError(
-            "prefetch_factor and persistent_workers need num_workers > 0 "
-            f"(got num_workers=0, prefetch_factor={prefetch_factor}, "
-            f"persistent_workers={persistent_workers})"
-        )
-    if num_workers == 0 and timeout:
-        raise ConfigError(f"timeout={timeout!r} needs num_workers > 0 (it bounds the wait for workers)")
-    ds = ds.with_shuffle(shuffle, seed)
-    dataset = ShardIterableDataset(
-        ds,
-        batch_size=batch_size,
-        drop_last=drop_last,
-        pad_to_multiple_of=pad_to_multiple_of,
-        padding_side=padding_side,
-        bucket_boundaries=bucket_boundaries,
-        collate_fn=collate_fn,
-        world_size=world_size,
-        rank=rank,
-        uneven=uneven,
-        return_attention_mask=return_attention_mask,
+    check_worker_args(num_workers, prefetch_factor, persistent_workers, timeout)
+    options = LoaderOptions(
+        batch_size=batch_size, drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of,
+        padding_side=padding_side, bucket_boundaries=bucket_boundaries,
+        return_attention_mask=return_attention_mask, shuffle=shuffle, seed=seed,
+        world_size=world_size, rank=rank, uneven=uneven,
     )
+    dataset = ShardIterableDataset.from_options(ds, options, collate_fn)
     dataset.loader_transport = True
-    kwargs: dict[str, Any] = {
-        "num_workers": num_workers,
-        "pin_memory": pin_memory,
-        "persistent_workers": persistent_workers,
-    }
-    if prefetch_factor is not None:
-        kwargs["prefetch_factor"] = prefetch_factor
-    if timeout:
-        kwargs["timeout"] = float(timeout)
-    if stateful:
-        return stateful_loader_class()(dataset, **kwargs)
-    return DlpipeDataLoader(dataset, **kwargs)
+    return make_loader(dataset, stateful=stateful, num_workers=num_workers, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                       timeout=timeout)

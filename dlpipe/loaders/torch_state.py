@@ -28,15 +28,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from dlpipe._deps import require
-from dlpipe.errors import ConfigError, DlpipeError, LoaderWorkerError
+from dlpipe.errors import ConfigError, LoaderWorkerError
 from dlpipe.loaders.torch_faults import (
     _WATCHDOG,
     RESCUE_AFTER_S,
@@ -47,6 +44,8 @@ from dlpipe.loaders.torch_faults import (
 
 torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import DataLoader  # noqa: E402
+
+from dlpipe.loaders.torch_batches import WorkerError, identity, numpy_to_tensors  # noqa: E402
 
 STATE_VERSION = 2  # 2: shuffled epochs permute blocks across the split (block_records)
 # settings that shape the epoch plan: a checkpoint only resumes under the same ones
@@ -90,48 +89,6 @@ def resume_point(batches_per_worker: Sequence[int], consumed: int) -> tuple[list
             remaining[w] -= rounds
         left -= rounds * len(active)
     return done, 0
-
-
-class WorkerError:
-    """A DlpipeError caught in a loader worker, sent as a batch so the main process re-raises the
-    original exception (PyTorch's ExceptionWrapper would rebuild it from its message alone, and
-    FormatError's path and offset would be lost)."""
-
-    def __init__(self, error: DlpipeError, worker_id: int) -> None:
-        self.error = error
-        self.worker_id = worker_id
-        self.trace = traceback.format_exc()
-
-    def reraise(self) -> None:
-        err, self.error = self.error, None
-        if hasattr(err, "add_note"):
-            err.add_note(
-                f"raised in DataLoader worker process {self.worker_id}; worker traceback:\n"
-                f"{self.trace}"
-            )
-        try:
-            raise err
-        finally:
-            # no frame of this traceback may hold the exception: that cycle would leave the
-            # DataLoader iterator to the garbage collector, whose shutdown of workers hangs
-            del err
-
-
-def numpy_to_tensors(batch: dict[str, Any], pin: bool = False) -> dict[str, Any]:
-    """The numpy arrays of a dict batch as tensors (zero copy unless pinned)."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray):
-            v = torch.from_numpy(v)
-            if pin:
-                v = v.pin_memory()
-        out[k] = v
-    return out
-
-
-def identity(batch: Any) -> Any:
-    """The DataLoader's collate_fn: the dataset already yields finished batches."""
-    return batch
 
 
 _RESUME = (

@@ -1,6 +1,6 @@
 """Reading a plan's windows: ``read_windows`` turns the epoch plan's windows into ragged columns
 (or, for tf.data, serialized records), fetching ahead over object storage within the reader's
-prefetch budget; ``gather_bytes`` packs serialized records for a batch."""
+prefetch budget; ``gather_bytes`` copies a batch's serialized records back to back."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.formats.base import Columns, concat_columns
 from dlpipe.loaders.remote import read_ahead
-from dlpipe.loaders.shard_reader import Fetch, Ragged, ShardReader, concat_parts
+from dlpipe.loaders.shard_reader import Fetch, ShardReader
 from dlpipe.manifest import ShardInfo
 
 
-def read_window(reader: ShardReader, shards: Sequence[ShardInfo], window) -> dict[str, Ragged]:
+def read_window(reader: ShardReader, shards: Sequence[ShardInfo], window) -> Columns:
     """The records of one window as ragged columns (its shard ranges concatenated)."""
-    return concat_parts([reader.read(shards[s], a, b) for s, a, b in window.ranges], reader.encodings)
+    return concat_columns([reader.read(shards[s], a, b) for s, a, b in window.ranges], reader.encodings)
 
 
 def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iterable, *,
@@ -27,7 +28,7 @@ def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iter
     ``reader.serialized`` (for tf.data, which parses them itself)."""
     # a TFRecord window of blocks from several shards is gathered and decoded in one call (a
     # decode costs ~0.4 ms whatever its size: per shard, 8 shards made shuffled reads 3.4x slower)
-    pack = reader.info.format == "tfrecord"
+    together = reader.format.supports_serialized
     windows = list(windows)
     units = reader.plan(shards, (r for w in windows for r in w.ranges))
     reader.load_indexes(shards[s] for s in dict.fromkeys(s for w in windows for s, _, _ in w.ranges))
@@ -50,11 +51,11 @@ def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iter
                 left -= 1
             if serialized:
                 yield concat_serialized([reader.serialized(*p) for p in parts])
-            elif pack and len(parts) > 1:
+            elif together and len(parts) > 1:
                 buf, starts, ends = concat_serialized([reader.serialized(*p) for p in parts])
-                yield reader.decode_payloads(buf, starts, ends, f"a window of {reader.info.root}", starts)
+                yield reader.decode_serialized(buf, starts, ends, f"a window of {reader.info.root}", starts)
             else:
-                yield concat_parts([reader.decode(*p) for p in parts], reader.encodings)
+                yield concat_columns([reader.decode(*p) for p in parts], reader.encodings)
     finally:
         stream.close()
 
@@ -69,7 +70,7 @@ def concat_serialized(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
 
 
 def gather_bytes(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The byte spans ``buf[starts[i]:ends[i]]`` packed back to back (one fancy index), and the
+    """The byte spans ``buf[starts[i]:ends[i]]`` copied back to back (one fancy index), and the
     n + 1 offsets of each in the result."""
     lens = ends - starts
     offsets = np.zeros(len(lens) + 1, np.int64)

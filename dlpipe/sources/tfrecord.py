@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.example_decode import DecodedFeature, decode_examples
-from dlpipe.formats.tfrecord import payload_bounds, read_decompressed, scan_frames
+from dlpipe.formats.compression import read_decompressed
+from dlpipe.formats.tfrecord.example_decode import DecodedFeature, decode_examples
+from dlpipe.formats.tfrecord.framing import payload_bounds, scan_frames
 from dlpipe.sources.base import Column, Source
 
 __all__ = ["TFRecordSource", "compression_of"]

@@ -318,6 +318,17 @@ def test_describe_imports_no_framework():
     assert out.stdout.strip() == ""
 
 
+def test_library_versions_one_collector():
+    got = machine_mod.library_versions(["numpy", "dlpipe", "no-such-package-xyz"])
+    assert got["numpy"] == np.__version__
+    from dlpipe._version import __version__
+
+    assert got["dlpipe"] == __version__  # the dlpipe running, not whatever is installed
+    assert got["no-such-package-xyz"] is None
+    versions = machine_mod.describe(["no-such-package-xyz", "numpy"])["versions"]
+    assert list(versions) == [*machine_mod.CORE_VERSIONS, "no-such-package-xyz"]  # no duplicates
+
+
 def test_gpus_absent_is_empty(monkeypatch):
     monkeypatch.setattr(machine_mod.shutil, "which", lambda name: None)
     assert machine_mod.gpus() == []

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 import dlpipe
 from dlpipe.errors import ConfigError, FormatError, OutputError
-from dlpipe.formats import deflate, tfrecord
+from dlpipe.formats import deflate
+from dlpipe.formats.compression import decompress, read_decompressed
 from dlpipe.formats.deflate import DeflateWriter
+from dlpipe.formats.tfrecord import framing
 from dlpipe.manifest import load_manifest
 
 N = 3000  # ~2 KiB of tar per sample: shards of ~3 MiB, several compressor blocks each
@@ -141,9 +143,9 @@ def test_tfrecord_gzip_and_zlib_are_read_by_tensorflow(tf, corpus, tmp_path, com
     records = []
     for f in files:
         plain = gzip.decompress(f.read_bytes()) if compression == "gzip" else zlib.decompress(f.read_bytes())
-        buf = tfrecord.read_decompressed(f, compression)
+        buf = read_decompressed(f, compression)
         assert bytes(buf) == plain  # the standard library and dlpipe's reader agree
-        starts, ends = tfrecord.payload_bounds(tfrecord.scan_frames(buf, path=f))
+        starts, ends = framing.payload_bounds(framing.scan_frames(buf, path=f))
         records += [bytes(buf[a:b]) for a, b in zip(starts.tolist(), ends.tolist())]
     got = tf.data.TFRecordDataset([str(f) for f in files], compression_type=compression.upper())
     assert [bytes(r) for r in got.as_numpy_iterator()] == records
@@ -217,20 +219,20 @@ def test_decompress_reads_any_gzip_and_reports_damage(request, reader):
         request.getfixturevalue("no_isal")
     data = os.urandom(5000) + bytes(300_000) + b"tfrecord" * 9000
     one = gzip.compress(data, mtime=0)
-    assert bytes(tfrecord.decompress(one, "gzip", "x")) == data
-    assert bytes(tfrecord.decompress(one + gzip.compress(b"more"), "gzip", "x")) == data + b"more"
-    assert bytes(tfrecord.decompress(one + bytes(16), "gzip", "x")) == data  # zero padding after it
-    assert bytes(tfrecord.decompress(zlib.compress(data), "zlib", "x")) == data
+    assert bytes(decompress(one, "gzip", "x")) == data
+    assert bytes(decompress(one + gzip.compress(b"more"), "gzip", "x")) == data + b"more"
+    assert bytes(decompress(one + bytes(16), "gzip", "x")) == data  # zero padding after it
+    assert bytes(decompress(zlib.compress(data), "zlib", "x")) == data
     with pytest.raises(FormatError, match="decompress gzip"):
-        tfrecord.decompress(one[:-20], "gzip", "x")
+        decompress(one[:-20], "gzip", "x")
     bad = bytearray(one)
     bad[-7] ^= 1  # the CRC
     with pytest.raises(FormatError, match="decompress gzip"):
-        tfrecord.decompress(bytes(bad), "gzip", "x")
+        decompress(bytes(bad), "gzip", "x")
     with pytest.raises(FormatError, match="decompress zlib"):
-        tfrecord.decompress(zlib.compress(data)[:-3], "zlib", "x")
+        decompress(zlib.compress(data)[:-3], "zlib", "x")
     with pytest.raises(FormatError, match="decompress gzip"):
-        tfrecord.decompress(b"not gzip at all", "gzip", "x")
+        decompress(b"not gzip at all", "gzip", "x")
 
 
 # --- the writer, property-based ----------------------------------------------------------------

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from protowire import ld, varint
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats import example_decode, example_layout
-from dlpipe.formats.example_decode import DecodedFeature, decode_examples
+from dlpipe.formats.tfrecord import example_decode, example_layout
+from dlpipe.formats.tfrecord.example_decode import DecodedFeature, decode_examples
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("int64", "float", "bytes")

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dlpipe.formats.example_encode import encode_examples, int64_payload, raw_payload
-from dlpipe.formats.packing import varint_bytes
+from dlpipe.formats.pieces import varint_bytes
+from dlpipe.formats.tfrecord.example_encode import encode_examples, int64_payload, raw_payload
 
 pytestmark = pytest.mark.tf
 

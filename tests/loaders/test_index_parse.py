@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlpipe.errors import FormatError
-from dlpipe.loaders.shard_reader import parse_index
+from dlpipe.formats.index import parse_index
 
 
 @given(st.lists(st.tuples(st.integers(0, 2**62), st.integers(0, 2**31)), max_size=50))

@@ -70,3 +70,85 @@ def test_same_bucket_shapes(shards):
     tf_shapes = {f["input_ids"].shape[1] for f, _ in tf_batches(ds, bucket_boundaries="auto")}
     torch_shapes = {f["input_ids"].shape[1] for f, _ in torch_batches(ds, bucket_boundaries="auto")}
     assert tf_shapes <= bounds and torch_shapes <= bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# one shuffle rule (loaders.options.resolve_shuffle) and one set of option checks
+
+
+def label_order(batches) -> list[tuple]:
+    """Records in yield order (each record's label pair is unique)."""
+    return [tuple(lab.tolist()) for _, y in batches for lab in y]
+
+
+def assert_same_batches(a, b) -> None:
+    assert len(a) == len(b)
+    for (fa, ya), (fb, yb) in zip(a, b):
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+        np.testing.assert_array_equal(ya, yb)
+
+
+@pytest.mark.parametrize("how", ["loader seed", "ds.shuffle(seed)", "epoch 1, left padding"])
+def test_seeded_shuffle_gives_identical_batches_in_both_frameworks(shards, how):
+    """Uncompressed shards: both front ends follow one epoch plan, so the same seed gives the
+    same batches, record for record and pad for pad."""
+    ds, kw = dlpipe.load_dataset(shards), {"shuffle": True, "seed": 9}
+    if how == "ds.shuffle(seed)":
+        ds, kw = ds.shuffle(seed=9, buffer_size=300), {}
+    elif how == "epoch 1, left padding":
+        ds.set_epoch(1)
+        kw.update(padding_side="left", pad_to_multiple_of=8)
+    got_tf, got_torch = tf_batches(ds, **kw), torch_batches(ds, **kw)
+    assert_same_batches(got_tf, got_torch)
+    assert label_order(got_tf) != label_order(tf_batches(dlpipe.load_dataset(shards)))  # shuffled
+
+
+def test_unseeded_shuffle_differs_per_run_in_both_frameworks(shards):
+    """No seed: a random one per run (as HF and PyTorch users expect), recorded so a checkpoint
+    can replay it; a dataset shuffled without a seed keeps the seed it drew, in both."""
+    ds = dlpipe.load_dataset(shards)
+    everything = sorted(label_order(torch_batches(ds)))
+    for batches in (tf_batches, torch_batches):
+        a, b = (label_order(batches(ds, shuffle=True)) for _ in range(2))
+        assert a != b and sorted(a) == sorted(b) == everything
+    loader = ds.to_torch_dataloader(batch_size=64, shuffle=True)
+    seed = loader.state_dict()["seed"]
+    assert seed == loader.dataset.shuffle_config.seed
+    assert_same_batches(torch_batches(ds, shuffle=True, seed=seed),
+                        [({k: v.numpy() for k, v in b.items() if k != "labels"}, b["labels"].numpy())
+                         for b in loader])
+    drawn = ds.shuffle()  # the seed is drawn here, once: every loader of it agrees
+    assert drawn.shuffle_config.seed is not None and not drawn.shuffle_config.seed_given
+    assert_same_batches(tf_batches(drawn), torch_batches(drawn))
+    assert label_order(torch_batches(ds.shuffle())) != label_order(torch_batches(drawn))
+
+
+@pytest.mark.parametrize("kw", [
+    {"padding_side": "middle"},
+    {"pad_to_multiple_of": 0},
+    {"bucket_boundaries": [8, 4]},
+    {"bucket_boundaries": "quantiles"},
+    {"uneven": "wrap"},
+    {"world_size": 2},
+    {"world_size": 2, "rank": 2},
+    {"seed": -1},
+    {"batch_size": 0},
+    {"shuffle": True, "world_size": 2, "rank": 0},
+])
+def test_both_front_ends_refuse_bad_shared_options_with_one_message(shards, kw):
+    """Shared options are checked once (LoaderOptions): the same message, naming the parameter
+    and the value, from either front end."""
+    from dlpipe.errors import ConfigError
+
+    ds = dlpipe.load_dataset(shards)
+    kw = {"batch_size": 8, **kw}
+    messages = []
+    for make in (ds.to_tf_dataset, ds.to_torch_dataloader):
+        with pytest.raises(ConfigError) as err:
+            make(**kw)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    name = next(k for k in kw if k != "batch_size") if len(kw) > 1 else "batch_size"
+    assert name in messages[0]

@@ -114,25 +114,6 @@ def test_compressed_shards_are_permuted_whole(tmp_path):
         ds.shuffle(seed=0, block_records=4)
 
 
-def test_an_unseeded_shuffle_differs_per_run_in_both_frameworks(one_shard):
-    """One rule for both front ends (ShardDataset.with_shuffle): no seed draws a random one,
-    recorded so a checkpoint resumes it; a seed gives the same order everywhere."""
-    ds = dlpipe.load_dataset(one_shard)
-    runs = {}
-    pytest.importorskip("torch")
-    loaders = [ds.to_torch_dataloader(batch_size=500, shuffle=True) for _ in range(2)]
-    runs["torch"] = [np.concatenate([_ids([b]) for b in dl]) for dl in loaders]
-    assert loaders[0].state_dict()["seed"] == loaders[0].dataset.seed != loaders[1].dataset.seed
-    pytest.importorskip("tensorflow")
-    runs["tf"] = [np.concatenate([_ids([b]) for b in ds.to_tf_dataset(batch_size=500, shuffle=True)])
-                  for _ in range(2)]
-    for a, b in runs.values():
-        assert sorted(a.tolist()) == sorted(b.tolist()) == list(range(N)) and a.tolist() != b.tolist()
-    seeded = [np.concatenate([_ids([b]) for b in make(batch_size=500, shuffle=True, seed=9)])
-              for make in (ds.to_torch_dataloader, ds.to_tf_dataset)]
-    assert seeded[0].tolist() == seeded[1].tolist()
-
-
 def test_plan_order_is_what_the_loaders_yield(one_shard):
     from dlpipe.loaders.shuffle_quality import order_quality, plan_order
 

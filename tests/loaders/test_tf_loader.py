@@ -15,6 +15,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from conftest import padded_tokens
+from resume_helper import run_save_load_state, tf_checkpoint
 
 import dlpipe
 from dlpipe.errors import ConfigError
@@ -301,12 +302,16 @@ def test_options_shard_by_file_and_prefetch(tmp_path, monkeypatch):
     "kwargs, words",
     [
         ({"padding_side": "middle"}, "padding_side='middle'"),
-        ({"label_cols": "labels"}, "label_cols needs columns"),
+        ({"label_cols": "labels"}, r"label_cols=\['labels'\] needs columns"),
         ({"columns": ["input_ids", "input_ids"]}, "duplicates"),
         ({"columns": ["nope"]}, "'nope'"),
         ({"bucket_boundaries": "auto"}, "needs a batch_size"),
         ({"batch_size": 4, "bucket_boundaries": [8, 4]}, "strictly increasing"),
         ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": 4, "uneven": "wrap"}, "uneven='wrap'"),
+        ({"world_size": 2}, "pass both world_size and rank"),
+        ({"seed": -1}, "seed=-1"),
+        ({"cycle_length": 0}, "cycle_length=0"),
         (
             {"columns": ["input_ids", "attention_mask"], "return_attention_mask": False},
             "not produced",
@@ -321,6 +326,46 @@ def test_bad_arguments_are_config_errors(tmp_path, kwargs, words):
     _, _, ds = make_corpus(tmp_path, n=20)
     with pytest.raises(ConfigError, match=words):
         ds.to_tf_dataset(**kwargs)
+
+
+CHECKPOINTABLE = {
+    "plain": ({}, {"batch_size": 16}),
+    "unbatched": ({}, {}),
+    "buckets": ({}, {"batch_size": 16, "bucket_boundaries": [8, 16, 24]}),
+    "gzip shuffled": ({"compression": "gzip"}, {"batch_size": 16, "shuffle": True, "seed": 3}),
+    "gzip shuffled buckets": (
+        {"compression": "gzip"},
+        {"batch_size": 16, "shuffle": True, "seed": 3, "bucket_boundaries": "auto", "columns": "input_ids"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTABLE))
+def test_checkpointed_iterator_resumes_exactly(tmp_path, case):
+    """``tf.train.Checkpoint(iterator=...)`` through tests/resume_helper.py, for the pipelines
+    that read files front to back (unshuffled shards, or compressed ones shuffled). The global
+    shuffle and any split over ranks (the epoch plan, ``loaders.tf_plan``) and remote shards
+    without ``cache_dir`` are built on ``from_generator``, which TensorFlow cannot checkpoint
+    (see the next test)."""
+    reshard_kw, kw = CHECKPOINTABLE[case]
+    _, _, ds = make_corpus(tmp_path, n=200, **reshard_kw)
+    how = tf_checkpoint(str(tmp_path / "ckpt"))
+    full = run_save_load_state(lambda: ds.to_tf_dataset(**kw), (0, 1, 6), how=how)
+    assert len(full) == 200 if kw.get("batch_size") is None else len(full) >= 13  # buckets: more
+
+
+@pytest.mark.parametrize("kw", [{"shuffle": True, "seed": 3}, {"world_size": 2, "rank": 1}])
+def test_planned_pipelines_cannot_be_checkpointed(tmp_path, monkeypatch, kw):
+    """The epoch plan's pipelines are fed by from_generator: TensorFlow refuses to save them
+    while the generator runs (loudly, rather than restoring a generator that starts over)."""
+    from dlpipe.loaders import tf_plan
+
+    monkeypatch.setattr(tf_plan, "_CHUNK_RECORDS", 8)  # a generator element per batch: not done yet
+    _, _, ds = make_corpus(tmp_path, n=300)
+    it = iter(ds.to_tf_dataset(batch_size=8, prefetch=False, **kw))
+    next(it)
+    with pytest.raises(tf.errors.FailedPreconditionError, match="stateful"):
+        tf.train.Checkpoint(iterator=it).write(str(tmp_path / "ckpt"))
 
 
 def test_webdataset_shards_are_refused(tmp_path):

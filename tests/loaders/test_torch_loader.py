@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 from conftest import padded_tokens  # noqa: E402
+from resume_helper import run_save_load_state  # noqa: E402
 
 N = 600  # divides by world sizes 1, 2 and 3
 WIDTH = 24
@@ -248,24 +249,18 @@ def test_bucketing_pads_to_boundaries(root):
 # checkpoints
 
 
-def resumed_stream(make_loader, stop: int, epoch: int = 1) -> list[list[int]]:
-    """The batches of ``epoch`` when the loader is checkpointed after ``stop`` batches and a fresh
-    loader continues from that checkpoint."""
-    first = make_loader()
-    first.set_epoch(epoch)
-    it = iter(first)
-    head = [next(it) for _ in range(stop)]
-    state = first.state_dict()
-    del it
-    second = make_loader()
-    second.load_state_dict(state)
-    second.set_epoch(epoch)  # the usual loop calls set_epoch; the same epoch keeps the resume
-    return rids(head) + rids(second)
+def rid_key(batch) -> list[int]:
+    return batch["rid"].tolist()
+
+
+def set_epoch_1(obj) -> None:
+    obj.set_epoch(1)  # after load_state_dict, as a training loop does: the same epoch keeps the resume
 
 
 @pytest.mark.parametrize("stateful", [False, True])
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_equals_uninterrupted(root, num_workers, stateful):
+    """DlpipeDataLoader and torchdata's StatefulDataLoader, through tests/resume_helper.py."""
     if stateful:
         pytest.importorskip("torchdata")
     # 600 records / (buffer 40 -> windows of 5 batches of 8) = 15 windows, the last one short:
@@ -275,12 +270,23 @@ def test_resume_mid_epoch_equals_uninterrupted(root, num_workers, stateful):
     def make():
         return ds.to_torch_dataloader(batch_size=8, num_workers=num_workers, stateful=stateful)
 
-    full = make()
-    full.set_epoch(1)
-    expected = rids(full)
-    assert len(expected) == 75
-    for stop in (0, 3, 11, 70, 74, 75):
-        assert resumed_stream(make, stop) == expected, stop
+    full = run_save_load_state(make, (0, 3, 11, 70, 74, 75), prepare=set_epoch_1, key=rid_key)
+    assert len(full) == 75 and sorted(r for b in full for r in b) == list(range(N))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shard_iterable_dataset_resumes_alone(root, shuffle):
+    """The dataset itself (what StatefulDataLoader saves per worker), iterated in this process."""
+    from dlpipe.loaders.torch_data import ShardIterableDataset
+
+    ds = dlpipe.load_dataset(root)
+    ds = ds.shuffle(seed=2, buffer_size=40) if shuffle else ds
+
+    def make():
+        return ShardIterableDataset(ds, batch_size=16, bucket_boundaries="auto")
+
+    full = run_save_load_state(make, (0, 1, 17, 38), prepare=set_epoch_1, key=rid_key)
+    assert len(full) == 38 and sorted(r for b in full for r in b) == list(range(N))
 
 
 def test_resume_state_and_epoch_rules(root):

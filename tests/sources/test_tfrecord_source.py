@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from protowire import ld, varint
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.tfrecord import frame_records
+from dlpipe.formats.tfrecord.framing import frame_records
 from dlpipe.sources.tfrecord import TFRecordSource, compression_of
 
 SETTINGS = settings(

@@ -30,7 +30,7 @@ def _compression(info) -> str:
 def _dlpipe_stages(
     cfg: BenchConfig, info, model: _Model, device: str, notes: list[str]
 ) -> list[StageMeasurement]:
-    from dlpipe.loaders.tf_data import BatchDecoder
+    from dlpipe.loaders.tf_decode import BatchDecoder
 
     tf = _tf()
     auto = tf.data.AUTOTUNE

@@ -36,7 +36,7 @@ def _dlpipe_stages(
 ) -> list[StageMeasurement]:
     from dlpipe.loaders.common import ShardReader, collate, take_rows, window_batches
     from dlpipe.loaders.dataset import read_window
-    from dlpipe.loaders.torch_state import numpy_to_tensors
+    from dlpipe.loaders.torch_batches import numpy_to_tensors
 
     ds = loader.dataset  # the ShardIterableDataset: the loader's own plan and settings
     info, shards, enc = ds.source.info, ds.source.shards, ds.encodings

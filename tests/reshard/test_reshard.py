@@ -1,4 +1,4 @@
-"""The reshard engine end to end: round trips through TensorFlow's reader, determinism, resume."""
+"""``dlpipe.reshard`` end to end: round trips through TensorFlow's reader, determinism, resume."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 
 import dlpipe
 from dlpipe.errors import OutputError
-from dlpipe.formats.example_decode import decode_examples
-from dlpipe.formats.tfrecord import payload_bounds, read_decompressed, scan_frames
+from dlpipe.formats.compression import read_decompressed
+from dlpipe.formats.tfrecord.example_decode import decode_examples
+from dlpipe.formats.tfrecord.framing import payload_bounds, scan_frames
 from dlpipe.manifest import load_manifest
 
 
@@ -151,10 +152,10 @@ def test_mask_source_with_left_padding_and_fixed_columns(tmp_path):
 
 def _interrupted_run(npy_corpus, out, monkeypatch, fail_on: int):
     """Run a reshard in this process whose fail_on-th shard write dies like a crash."""
-    import dlpipe.engine as engine
+    from dlpipe.reshard import write
 
     calls = {"n": 0}
-    real = engine.to_batch
+    real = write.to_batch
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -162,10 +163,10 @@ def _interrupted_run(npy_corpus, out, monkeypatch, fail_on: int):
             raise KeyboardInterrupt  # as close to kill -9 as an in-process test gets
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "to_batch", crashing)
+    monkeypatch.setattr(write, "to_batch", crashing)
     with pytest.raises(KeyboardInterrupt):
         dlpipe.reshard(npy_corpus["specs"], out, pad_id=0, num_shards=5, workers=1)
-    monkeypatch.setattr(engine, "to_batch", real)
+    monkeypatch.setattr(write, "to_batch", real)
 
 
 def test_resume_after_interruption_is_byte_identical(npy_corpus, tmp_path, monkeypatch):
@@ -184,12 +185,12 @@ def test_resume_after_interruption_is_byte_identical(npy_corpus, tmp_path, monke
 def test_disk_full_is_a_clear_error_and_leaves_no_partial_shard(npy_corpus, tmp_path, monkeypatch):
     import errno
 
-    import dlpipe.engine as engine
+    from dlpipe.formats import get_format
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(engine.shard_formats, "encode_batch", full)
+    monkeypatch.setattr(type(get_format("tfrecord")), "encode_batch", full)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left on device.*free some space"):
         dlpipe.reshard(npy_corpus["specs"], out, pad_id=0, num_shards=2, workers=1)

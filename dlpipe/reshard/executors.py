@@ -1,33 +1,76 @@
-"""``dlpipe reshard --engine ray``: the engine's tasks as Ray tasks.
+"""Executors for the reshard's tasks: ``map``/``shutdown`` like ``concurrent.futures``.
 
-The local engine hands pure task functions (scan a record range, write one shard) to a process
-pool. ``RayExecutor`` offers the two calls the engine makes of that pool (``map`` with results in
-order, ``shutdown``) over Ray: the job (source, padding, output location) goes into the object
-store once and each worker loads it once, every call becomes one Ray task, and results come back
-in submission order. The tasks are the local engine's own, so plan, shard bytes and manifest are
-the same; nothing depends on how many workers run them.
+The reshard hands pure task functions (scan a record range, write one shard) to an executor
+built with ``initializer=``/``initargs=`` as a ``ProcessPoolExecutor`` is; the initializer
+installs the job (source, padding, output) in each worker once. Three kinds, one shape:
 
-Failures: a task whose worker process dies (killed, out of memory, node lost) is retried up to
-``max_retries`` times; a shard only reaches its final name when complete, so a retry writes the
-same bytes. A DlpipeError raised by a task (bad input, unwritable output) is not retried and
+- ``InlineExecutor``: this process (one worker: no pool to start).
+- ``process_pool``: a ``ProcessPoolExecutor`` on this machine (``--engine local``).
+- ``RayExecutor``: Ray tasks (``--engine ray``). The initargs go into the object store once and
+  each worker runs the initializer once; every call becomes one Ray task, and results come back
+  in submission order. The tasks are the same functions, so plan, shard bytes and manifest are
+  the same; nothing depends on how many workers run them.
+
+Ray failures: a task whose worker process dies (killed, out of memory, node lost) is retried up
+to ``max_retries`` times; a shard only reaches its final name when complete, so a retry writes
+the same bytes. A DlpipeError raised by a task (bad input, unwritable output) is not retried and
 reaches the caller as itself, so the CLI prints its one line.
 
-Ray that dlpipe started (or connected to) is shut down when the reshard ends; Ray the caller
-initialized is left as it is. On a cluster of several nodes, every worker must reach the sources
-and the output by the same names: URLs (``s3://``) or a shared filesystem. Remote sources that
-are copied to a local cache before reading (all kinds but .npy and raw) exist on the driver's node
-only.
+Ray that dlpipe started (or connected to) is shut down when the executor shuts down; Ray the
+caller initialized is left as it is. On a cluster of several nodes, every worker must reach the
+sources and the output by the same names: URLs (``s3://``) or a shared filesystem. Remote
+sources that are copied to a local cache before reading (all kinds but .npy and raw) exist on
+the driver's node only.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 from dlpipe._deps import require
 from dlpipe.errors import ConfigError, DlpipeError
+
+
+class InlineExecutor:
+    """``map``/``shutdown`` in this process: the one worker, for ``workers=1``. The initializer
+    runs before each ``map``, so the installed job is this executor's."""
+
+    def __init__(self, *, initializer: Callable, initargs: tuple = ()) -> None:
+        self._initializer = initializer
+        self._initargs = initargs
+
+    def map(self, fn: Callable, args: Iterable) -> Iterator:
+        """The results of ``fn`` over ``args``, in order, computed as they are taken."""
+        self._initializer(*self._initargs)
+        return (fn(a) for a in args)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def process_pool(workers: int, *, initializer: Callable, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A ``ProcessPoolExecutor`` of ``workers`` processes started by ``pool_context()``."""
+    return ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=initializer, initargs=initargs)
+
+
+def pool_context():
+    """fork where the platform has it, as PyTorch's DataLoader does: workers start in
+    milliseconds and need no ``__main__`` guard. Workers run only numpy and file I/O, so the
+    threads of a framework imported by the parent do not matter to them. ``DLPIPE_START_METHOD``
+    overrides it (spawn, forkserver)."""
+    method = os.environ.get("DLPIPE_START_METHOD")
+    if method is None:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
 
 _STARTED_HERE = False  # dlpipe called ray.init, so dlpipe calls ray.shutdown
 _WORKER_JOB: str | None = None  # in a Ray worker: the object id of the job it holds

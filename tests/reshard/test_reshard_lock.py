@@ -20,8 +20,8 @@ from click.testing import CliRunner
 import dlpipe
 from dlpipe.cli import main
 from dlpipe.errors import ConfigError, OutputError, OutputLockedError
-from dlpipe.output_dir import OutputDir
-from dlpipe.output_lock import LOCK_FILE, REMOTE_LOCK
+from dlpipe.reshard.output_dir import OutputDir
+from dlpipe.reshard.output_lock import LOCK_FILE, REMOTE_LOCK
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock and SIGKILL are POSIX")
 
@@ -32,16 +32,16 @@ OPTS = dict(pad_id=0, num_shards=5, workers=1)
 HOLDER = textwrap.dedent("""
     import os, sys, time
     import dlpipe
-    import dlpipe.engine as engine
+    from dlpipe.reshard import write
     ready, out, *specs = sys.argv[1:]
-    real, calls = engine.to_batch, [0]
+    real, calls = write.to_batch, [0]
     def slow(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 3:
             open(ready, "w").close()
             time.sleep(600)
         return real(*args, **kwargs)
-    engine.to_batch = slow
+    write.to_batch = slow
     dlpipe.reshard(specs, out, pad_id=0, num_shards=5, workers=1)
 """)
 
@@ -118,7 +118,7 @@ def test_forked_pool_workers_do_not_keep_a_killed_runs_lock(tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
     script = textwrap.dedent("""
         import multiprocessing, sys, time
-        from dlpipe.output_dir import OutputDir
+        from dlpipe.reshard.output_dir import OutputDir
         lock = OutputDir(sys.argv[2]).lock()
         child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
         child.start()
@@ -162,13 +162,13 @@ def test_cli_refusal_is_one_line_and_exit_1(npy_corpus, tmp_path):
 
 
 def test_a_failed_run_releases_the_lock_and_leaves_no_directory(npy_corpus, tmp_path, monkeypatch):
-    import dlpipe.engine as engine
+    from dlpipe.reshard import api
 
     def bad_scan(*args, **kwargs):
         raise ConfigError("planted")
 
     out = tmp_path / "out"
-    monkeypatch.setattr(engine, "_scan", bad_scan)
+    monkeypatch.setattr(api, "scan", bad_scan)
     with pytest.raises(ConfigError, match="planted"):
         dlpipe.reshard(npy_corpus["specs"], out, **OPTS)
     assert not out.exists()
@@ -236,7 +236,7 @@ def test_remote_lock_object(s3_server, npy_corpus, monkeypatch):
     assert summary.num_shards == 2 and not lock_obj.exists()
 
     # the holder's heartbeat moves while it runs
-    import dlpipe.output_lock as output_lock
+    from dlpipe.reshard import output_lock
 
     monkeypatch.setattr(output_lock, "HEARTBEAT_S", 0.05)
     with OutputDir(url, so).lock():

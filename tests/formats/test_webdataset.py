@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from dlpipe.columns import ColumnBatch, ColumnEncoding
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.wds import TAR_END, encode_samples, read_samples
+from dlpipe.formats.webdataset.layout import TAR_END
+from dlpipe.formats.webdataset.reader import read_samples
+from dlpipe.formats.webdataset.writer import encode_samples
 
 # (logical dtype, storage dtype): bool is stored as uint8, as columns.narrowest_dtype does.
 DTYPES = [

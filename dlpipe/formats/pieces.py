@@ -1,4 +1,4 @@
-"""Build many variable-length records at once from fixed-width pieces.
+"""Pieces: build many variable-length records at once from fixed-width parts.
 
 Every record dlpipe writes is a concatenation of pieces (tags, varints, key bytes, a column's
 payload) whose widths vary per record. A small piece is a ``(block, mask)`` pair: ``block`` is an
@@ -132,11 +132,11 @@ def scatter_ragged(out: np.ndarray, dst_starts: np.ndarray, flat: np.ndarray, le
     out[idx] = flat[:total]
 
 
-def pack(pieces: list[Piece | RaggedPiece], n: int) -> tuple[np.ndarray, np.ndarray]:
+def assemble(pieces: list[Piece | RaggedPiece], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate, per record, the real bytes of each piece in order.
 
     Runs of block pieces are compacted at once; the runs and ragged pieces are then placed with
-    one scatter each. Returns the packed bytes and the n+1 record offsets.
+    one scatter each. Returns the joined bytes and the n+1 record offsets.
     """
     if n == 0:
         return np.empty(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)

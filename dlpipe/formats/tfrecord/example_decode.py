@@ -16,7 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats.protowire import RecordErrors, varints_at
+from dlpipe.formats.tfrecord.protowire import RecordErrors, packed_varints, varints_at
 
 __all__ = ["DecodedFeature", "decode_examples"]
 
@@ -88,8 +88,8 @@ def decode_examples(
     where = starts if frame_offsets is None else np.asarray(frame_offsets, dtype=np.int64)[:n]
     w = RecordErrors(path, where)
     first = buf[starts[0] : ends[0]].tobytes() if n else b""
-    from dlpipe.formats.example_layout import follow_plan, same_bytes
-    from dlpipe.formats.example_layout import plan as layout_plan
+    from dlpipe.formats.tfrecord.example_layout import follow_plan, same_bytes
+    from dlpipe.formats.tfrecord.example_layout import plan as layout_plan
 
     plan = layout_plan(first)
     if plan is not None:
@@ -197,7 +197,7 @@ def _decode_rows(buf, s, t, rrec, kind, present, w, name) -> DecodedFeature:
         values = flat.view("<f4").astype(np.float32, copy=False)
         counts = sizes // 4
     else:
-        values, counts = _decode_varints(flat, offs, rrec, w, name)
+        values, counts = packed_varints(flat, offs, rrec, w, name)
     row_splits = _splits(np.bincount(rrec, weights=counts, minlength=n).astype(np.int64))
     return DecodedFeature(_KINDS[kind], values, row_splits, None, present)
 
@@ -302,56 +302,6 @@ def _gather(buf, s, t) -> tuple[np.ndarray, np.ndarray]:
         return buf[lo:hi][np.cumsum(delta[:-1], dtype=np.int8).view(bool)], offs
     idx = np.repeat(s - offs[:-1], sizes) + np.arange(total, dtype=np.int64)
     return buf[idx], offs
-
-
-def _decode_varints(b, offs, rrec, w, name) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the varints in each piece ``b[offs[i]:offs[i+1]]``; return values and counts per piece."""
-    sizes = np.diff(offs)
-    if len(b) == 0 or b.max() < 0x80:  # every value below 128: one byte each
-        return b.astype(np.int64), sizes
-    last = np.maximum(offs[1:] - 1, 0)
-    cut = (sizes > 0) & (b[last] >= 0x80)
-    if cut.any():
-        w.fail(rrec[cut], f"feature {name!r}: truncated varint in a packed int64 list")
-    # Decode in cache-sized chunks cut after a terminator byte, so no varint straddles two.
-    # rank[j]: how many varints end before offs[j]; its differences are the counts per piece.
-    out, rank = [], np.empty(len(offs), dtype=np.int64)
-    lo = j = done = 0
-    while lo < len(b):
-        hi = min(lo + _CHUNK, len(b))
-        if hi < len(b):
-            hi += int(np.argmax(b[hi - 1 : hi + 10] < 0x80))
-        c = b[lo:hi]
-        ends = np.flatnonzero(c < 0x80)
-        k = int(np.searchsorted(offs, hi))
-        rank[j:k] = done + np.searchsorted(ends, offs[j:k] - lo)
-        out.append(_varint_chunk(c, ends, lo, offs, rrec, w, name))
-        lo, j, done = hi, k, done + len(ends)
-    rank[j:] = done
-    return np.concatenate(out).view(np.int64), np.diff(rank)
-
-
-_CHUNK = 1 << 18
-
-
-def _varint_chunk(c, ends, base, offs, rrec, w, name) -> np.ndarray:
-    """Varints of a chunk that starts and ends on a varint boundary (``ends``: terminator bytes)."""
-    padded = np.concatenate([np.zeros(10, np.uint8), c])  # a terminator before every chunk
-    val = (c[ends] & 0x7F).astype(np.uint32)
-    more = np.ones(len(ends), dtype=bool)
-    # Walk back from each terminator (the most significant group), Horner style; 32-bit sums
-    # while they fit (4 bytes, 28 bits: every token id), 64-bit beyond.
-    for k in range(1, 11):
-        byte = padded[10 - k :][ends]
-        more &= byte >= 0x80
-        if not more.any():
-            return val.astype(np.uint64)
-        if k == 4:
-            val = val.astype(np.uint64)
-        low = (byte & 0x7F).astype(val.dtype)
-        val = np.where(more, (val << val.dtype.type(7)) | low, val)
-    piece = np.searchsorted(offs, base + ends[more], side="right") - 1
-    w.fail(rrec[piece], f"feature {name!r}: varint longer than 10 bytes")
 
 
 def _key_ids(buf, ks, kt) -> tuple[np.ndarray, list[str]]:

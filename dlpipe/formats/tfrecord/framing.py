@@ -7,8 +7,7 @@ A TFRecord file is a sequence of frames::
     byte   data[length]
     uint32 masked_crc32c(data)
 
-GZIP and ZLIB compression wrap the whole stream, as ``tf.io.TFRecordOptions`` defines them;
-``formats/deflate.py`` writes and reads them (ISA-L when installed, else zlib).
+GZIP and ZLIB compression wrap the whole stream (``formats/compression.py``).
 Framing is done for many records per call: one numpy pass builds every header, and the only
 per-record Python work is the C-implemented CRC of each payload.
 """
@@ -16,15 +15,12 @@ per-record Python work is the C-implemented CRC of each payload.
 from __future__ import annotations
 
 import os
-from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
 
-from dlpipe.errors import ConfigError, FormatError
-from dlpipe.formats import deflate
-from dlpipe.formats.deflate import Codec, DeflateWriter
-from dlpipe.formats.packing import Piece, RaggedPiece, pack
+from dlpipe.errors import FormatError
+from dlpipe.formats.pieces import Piece, RaggedPiece, assemble
 
 HEADER_BYTES = 12  # length + length-crc
 FOOTER_BYTES = 4
@@ -72,9 +68,9 @@ def _length_crcs(lengths: np.ndarray) -> np.ndarray:
 
 
 def frame_pieces(pieces: list[Piece], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Frame n records given as packing pieces (``lengths``: payload bytes of each).
+    """Frame n records given as pieces (``lengths``: payload bytes of each).
 
-    Headers are built before packing; only the data CRC is filled in afterwards.
+    Headers are built before the pieces are assembled; only the data CRC is filled in afterwards.
     """
     n = len(lengths)
     if n == 0:
@@ -85,7 +81,7 @@ def frame_pieces(pieces: list[Piece], lengths: np.ndarray) -> tuple[np.ndarray, 
     uniq_crc = _length_crcs(uniq)
     header[:, 8:] = uniq_crc[inverse].astype("<u4").view(np.uint8).reshape(n, 4)
     footer = np.zeros((n, FOOTER_BYTES), dtype=np.uint8)
-    out, frame_offsets = pack([Piece(header, None), *pieces, Piece(footer, None)], n)
+    out, frame_offsets = assemble([Piece(header, None), *pieces, Piece(footer, None)], n)
     starts = frame_offsets[:-1] + HEADER_BYTES
     data_crc = _mask(crc32c_many(out, starts, starts + lengths))
     _scatter_rows(out, frame_offsets[1:] - FOOTER_BYTES, data_crc.astype("<u4").view(np.uint8).reshape(n, 4))
@@ -97,55 +93,6 @@ def _scatter_rows(out: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> None
     width = rows.shape[1]
     idx = starts[:, None] + np.arange(width, dtype=np.int64)[None, :]
     out[idx.ravel()] = rows.ravel()
-
-
-def index_lines(frame_offsets: np.ndarray, base: int = 0) -> str:
-    """The "offset size" index lines (DALI's tfrecord2idx and the tfrecord package read these)."""
-    n = len(frame_offsets) - 1
-    if n <= 0:
-        return ""
-    pairs = np.empty((n, 2), dtype=np.int64)
-    pairs[:, 0] = frame_offsets[:-1] + base
-    pairs[:, 1] = np.diff(frame_offsets)
-    return ("%d %d\n" * n) % tuple(pairs.ravel().tolist())
-
-
-def open_compressed_writer(raw: BinaryIO, compression: str | None, codec: Codec | None = None) -> BinaryIO:
-    """Wrap ``raw`` so bytes written are compressed as TensorFlow's TFRecordOptions expects.
-
-    gzip/zlib use ``codec`` (default: ``deflate.codec()``, ISA-L when installed, else zlib); the
-    bytes depend only on the data and the codec's identity, never on how writes were split.
-    """
-    if compression is None:
-        return raw
-    if compression in ("gzip", "zlib"):
-        return DeflateWriter(raw, compression, codec)
-    raise ConfigError(f"compression={compression!r} is not one of none, gzip, zlib")
-
-
-def read_decompressed(path: str | os.PathLike[str], compression: str | None) -> np.ndarray:
-    """The whole (decompressed) record stream of a file; a memory map when uncompressed."""
-    try:
-        if compression is None:
-            if os.path.getsize(path) == 0:
-                return np.empty(0, dtype=np.uint8)
-            return np.memmap(path, dtype=np.uint8, mode="r")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise FormatError(path, f"cannot read the shard ({e.strerror or e})",
-                          hint="it is missing or unreadable; run dlpipe verify, or rerun dlpipe reshard") from None
-    return decompress(data, compression, os.fspath(path))
-
-
-def decompress(data: bytes | memoryview, compression: str, path: str) -> np.ndarray:
-    """A gzip or zlib record stream, whole, as bytes; a FormatError naming ``path`` if it is not one."""
-    try:
-        raw = deflate.decompress(data, compression)
-    except deflate.errors() as e:
-        raise FormatError(path, f"cannot decompress {compression} stream ({e})",
-                          hint="the file is truncated or not compressed as stated") from None
-    return np.frombuffer(raw, dtype=np.uint8)
 
 
 def scan_frames(

@@ -10,7 +10,7 @@ Wire layout of one record (features sorted by name, so output is deterministic):
 
 An empty float/int64 list omits its packed field, as protobuf does; a bytes list always holds one
 value (possibly empty). Lengths are computed bottom-up with numpy and the bytes are assembled by
-``packing.pack``: no per-record Python.
+``pieces.assemble``: no per-record Python.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dlpipe.formats.packing import (
+from dlpipe.formats.pieces import (
     Piece,
     RaggedPiece,
+    assemble,
     constant,
     flat_rows,
     optional,
-    pack,
     varint,
     varint_bytes,
     varint_size,
@@ -116,7 +116,7 @@ def example_pieces(features: list[FeaturePayload], n: int) -> tuple[list[Piece],
 def encode_examples(features: list[FeaturePayload], n: int) -> tuple[np.ndarray, np.ndarray]:
     """n serialized Examples back to back, and their n+1 offsets."""
     pieces, _ = example_pieces(features, n)
-    return pack(pieces, n)
+    return assemble(pieces, n)
 
 
 def _vs(x: int) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 
 from dlpipe.errors import OutputError
 from dlpipe.manifest import MANIFEST, ShardInfo
-from dlpipe.output_lock import LOCK_FILE, REMOTE_LOCK, LocalRunLock, RemoteRunLock, RunLock
+from dlpipe.reshard.output_lock import LOCK_FILE, REMOTE_LOCK, LocalRunLock, RemoteRunLock, RunLock
 from dlpipe.storage import Location, staging_dir
 
 STATE_DIR = ".dlpipe"

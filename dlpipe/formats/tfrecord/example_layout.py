@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dlpipe.errors import FormatError
-from dlpipe.formats.protowire import RecordErrors, varints_at
+from dlpipe.formats.tfrecord.protowire import RecordErrors, varints_at
 
 
 # Fast path: records written by one writer from padded data share one layout (same features in

@@ -87,7 +87,7 @@ def test_padding_error_in_a_scan_task_comes_back_unwrapped(ray_cluster, tmp_path
 
 
 def test_executor_order_and_exhausted_retries(ray_cluster):
-    from dlpipe.ray_engine import RayExecutor
+    from dlpipe.reshard.executors import RayExecutor
 
     pool = RayExecutor(initializer=abs, initargs=(0,))
     assert list(pool.map(abs, [-3, 1, -2, 0])) == [3, 1, 2, 0]
@@ -96,6 +96,32 @@ def test_executor_order_and_exhausted_retries(ray_cluster):
         list(crashing.map(os._exit, [3]))  # the worker process exits: a system failure
     crashing.shutdown(cancel_futures=True)
     assert ray.is_initialized()
+
+
+def test_executor_runs_its_initializer_once_per_worker(ray_cluster, tmp_path):
+    """``RayExecutor(initializer=, initargs=)`` as ``ProcessPoolExecutor``: each worker runs the
+    initializer with the initargs once, before its first task."""
+    from dlpipe.reshard.executors import RayExecutor
+
+    log = tmp_path / "inits"
+
+    def init(tag, path):  # local functions travel by value: the workers need not import this file
+        os.environ["DLPIPE_TEST_JOB"] = tag
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def task(x):
+        return os.environ.get("DLPIPE_TEST_JOB"), 2 * x
+
+    pool = RayExecutor(initializer=init, initargs=("job-1", str(log)))
+    try:
+        assert list(pool.map(task, range(8))) == [("job-1", 2 * i) for i in range(8)]
+        assert list(pool.map(task, [5])) == [("job-1", 10)]
+    finally:
+        pool.shutdown()
+    pids = log.read_text().split()
+    assert 1 <= len(pids) == len(set(pids)) <= 2  # once per worker, 2 CPUs
+    assert ray.is_initialized()  # the caller's Ray is left running
 
 
 def test_cli_engine_ray_starts_its_own_instance(source, tmp_path):

@@ -1,4 +1,7 @@
-"""Plan shards before writing any: which records go to which split and shard.
+"""The shard plan, made before any shard is written: which records go to which split and shard.
+
+(Not the loaders' epoch plan in ``dlpipe.loaders``: that one orders the records of finished
+shards for each epoch and rank of a reader.)
 
 Shards are contiguous runs of the (optionally shuffled) record order, balanced by estimated
 output bytes or by tokens rather than by record counts, so every shard costs a reader about the
@@ -142,7 +145,7 @@ def plan_shards(
     scale: float = 1.0,
     offset: float = 0.0,
 ) -> list[ShardTask]:
-    """Shard tasks for every split. Record i (in record order) costs ``lengths[i] * scale + offset``.
+    """The shard plan: shard tasks for every split. Record i (in record order) costs ``lengths[i] * scale + offset``.
 
     With ``num_shards``, the largest split gets that many shards and the others a share in
     proportion to their cost (at least one, and a multiple of ``multiple_of``).

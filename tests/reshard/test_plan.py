@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlpipe.errors import ConfigError
-from dlpipe.plan import balance, parse_splits, plan_shards, split_bounds
+from dlpipe.reshard.plan import balance, parse_splits, plan_shards, split_bounds
 
 
 @settings(max_examples=100, deadline=None)
