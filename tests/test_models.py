@@ -210,3 +210,160 @@ def test_keras_fit_runs_on_a_tf_data_dataset():
     ds = tf.data.Dataset.from_tensor_slices((features(b), b["labels"])).batch(2)
     history = model.fit(ds, epochs=1, steps_per_epoch=3, shuffle=False, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+
+
+# packed input (issue 10): several records per row, one output per record
+
+
+def packed(b: dict, layout: str = "rows", max_length: int = 16, max_segments: int = 4) -> dict:
+    """The records of ``make_batch`` output ``b`` packed into one batch (numpy), with
+    ``record`` naming each segment's row of ``b``."""
+    from dlpipe.columns import ColumnEncoding
+    from dlpipe.loaders.packing import PackingOptions, SequencePacker
+
+    lengths = np.asarray(b["lengths"])
+    n = len(lengths)
+    splits = np.concatenate([[0], np.cumsum(lengths)])
+    real = np.arange(b["input_ids"].shape[1])[None, :] < lengths[:, None]
+    cols = {
+        "input_ids": (b["input_ids"][real], splits),
+        "labels": (b["labels"].ravel(), 2 * np.arange(n + 1)),
+        "record": (np.arange(n), np.arange(n + 1)),
+    }
+    encodings = {
+        "input_ids": ColumnEncoding("input_ids", "int64", (None,), "int32"),
+        "labels": ColumnEncoding("labels", "float32", (2,), "float32"),
+        "record": ColumnEncoding("record", "int64", (1,), "int32"),
+    }
+    opts = PackingOptions(max_length=max_length, max_segments=max_segments, rows_per_batch=n,
+                          layout=layout, carry=False)  # fmt: skip
+    (batch,) = SequencePacker(opts, encodings).pack(cols, np.random.default_rng(0))
+    return batch
+
+
+def per_record(batch: dict, outputs: np.ndarray) -> np.ndarray:
+    """Packed outputs ([B, S, 2] or [n, 2]) in record order."""
+    if "segment_mask" in batch:
+        outputs, records = outputs[batch["segment_mask"]], batch["record"][batch["segment_mask"]]
+    else:
+        records = batch["record"]
+    return outputs[np.argsort(records[:, 0])]
+
+
+def with_empty_record(b: dict) -> dict:
+    """``b`` with its last record emptied (no tokens: output from the biases alone)."""
+    b = {k: v.copy() for k, v in b.items()}
+    b["lengths"][-1] = 0
+    b["input_ids"][-1] = 0
+    b["attention_mask"][-1] = 0
+    return b
+
+
+def torch_packed_inputs(batch: dict) -> tuple[tuple, dict]:
+    import torch
+
+    if "cu_seqlens" in batch:
+        return (torch.from_numpy(batch["input_ids"]),), {
+            "cu_seqlens": torch.from_numpy(batch["cu_seqlens"])
+        }
+    segments = batch["segment_mask"].shape[1]
+    ids, seg = (torch.from_numpy(batch[k]) for k in ("input_ids", "segment_ids"))
+    return (ids,), {"segment_ids": seg, "num_segments": segments}
+
+
+def tf_packed(model, batch: dict) -> np.ndarray:
+    from dlpipe.models.deepcal_tf import flat_outputs, packed_outputs
+
+    if "cu_seqlens" in batch:
+        return flat_outputs(model, batch["input_ids"], batch["cu_seqlens"]).numpy()
+    segments = batch["segment_mask"].shape[1]
+    return packed_outputs(model, batch["input_ids"], batch["segment_ids"], segments).numpy()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_torch_packed_outputs_equal_each_record_alone(layout):
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_torch import DeepCalTorch
+
+    model = DeepCalTorch(128, weights=init_weights(2, 128, **SMALL))
+    b = with_empty_record(make_batch(n=14, seed=4))
+    batch = packed(b, layout)
+    assert layout == "flat" or batch["segment_mask"].sum(1).max() > 1  # rows hold several records
+    args, kwargs = torch_packed_inputs(batch)
+    with torch.no_grad():
+        want = model(*torch_inputs(b)).numpy()
+        got = per_record(batch, model(*args, **kwargs).numpy())
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_tf_packed_outputs_equal_each_record_alone(layout):
+    pytest.importorskip("tensorflow")
+    from dlpipe.models.deepcal_tf import build_tf_model
+
+    model = build_tf_model(128, weights=init_weights(2, 128, **SMALL))
+    b = with_empty_record(make_batch(n=14, seed=4))
+    batch = packed(b, layout)
+    want = model(features(b)).numpy()
+    np.testing.assert_allclose(per_record(batch, tf_packed(model, batch)), want, atol=1e-5)
+
+
+@pytest.mark.tf
+@pytest.mark.torch
+def test_tf_and_torch_packed_outputs_agree():
+    pytest.importorskip("tensorflow")
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_tf import build_tf_model
+    from dlpipe.models.deepcal_torch import DeepCalTorch
+
+    w = init_weights(5)
+    batch = packed(make_batch(n=20, seed=6), max_length=32, max_segments=8)
+    args, kwargs = torch_packed_inputs(batch)
+    with torch.no_grad():
+        got_torch = DeepCalTorch(weights=w)(*args, **kwargs).numpy()
+    np.testing.assert_allclose(tf_packed(build_tf_model(weights=w), batch), got_torch, atol=1e-4)
+
+
+@pytest.mark.torch
+def test_torch_packed_steps_train_on_the_unpacked_loss():
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_torch import DeepCalTorch, batch_loss, torch_train_step
+
+    cpu = torch.device("cpu")
+    b = make_batch(n=16, seed=7)
+    padded = {k: torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")}
+    rows, flat = ({k: torch.from_numpy(np.asarray(v)) for k, v in packed(b, lay).items()}
+                  for lay in ("rows", "flat"))  # fmt: skip
+    model = DeepCalTorch(seed=3)
+    with torch.no_grad():
+        want = float(batch_loss(model, padded, cpu))
+        assert float(batch_loss(model, rows, cpu)) == pytest.approx(want, rel=1e-5)
+        assert float(batch_loss(model, flat, cpu)) == pytest.approx(want, rel=1e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = torch_train_step(model, opt, rows, cpu, return_float=True)
+    for i in range(28):
+        torch_train_step(model, opt, rows if i % 2 else flat, cpu)
+    assert torch_train_step(model, opt, rows, cpu, return_float=True) < first * 0.5
+    with pytest.raises(ConfigError, match="num_segments"):
+        model(rows["input_ids"], segment_ids=rows["segment_ids"])
+
+
+@pytest.mark.tf
+def test_tf_packed_steps_train_on_the_unpacked_loss():
+    tf = pytest.importorskip("tensorflow")
+    from dlpipe.models.deepcal_tf import batch_loss, build_tf_model, tf_train_step
+
+    b = make_batch(n=16, seed=7)
+    rows, flat = packed(b, "rows"), packed(b, "flat")
+    model = build_tf_model(seed=3)
+    want = float(batch_loss(model, features(b), b["labels"]))
+    assert float(batch_loss(model, rows, rows["labels"])) == pytest.approx(want, rel=1e-5)
+    assert float(batch_loss(model, flat, flat["labels"])) == pytest.approx(want, rel=1e-5)
+    step = tf_train_step(model, tf.keras.optimizers.Adam(1e-2))
+    first = float(step(rows, rows["labels"]))
+    for i in range(28):
+        batch = rows if i % 2 else flat
+        step(batch, batch["labels"])
+    assert float(step(rows, rows["labels"])) < first * 0.5

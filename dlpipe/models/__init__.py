@@ -24,6 +24,20 @@ embedding and after every convolution, so a padded position feeds the next convo
 zero that its "same" padding would, and the mean divides by the real length. A batch padded to
 any width gives the same outputs (up to float rounding).
 
+Packed input (``dlpipe.loaders.packing``): several addresses per row, ``input_ids`` and
+``segment_ids`` [B, L] (0 = padding, 1..k the row's records in order), one output per segment,
+[B, S, 2] beside ``segment_mask`` [B, S]; or flattened, ``input_ids`` [1, T] with
+``cu_seqlens`` [n + 1], [n, 2] out. The model first spreads each row's segments apart with
+``kernel // 2`` zero positions between them (a scatter of the ids, [B, L + 2 * (S - 1)] for
+k = 5), then runs the padded path's own layers: every tap of a convolution that would cross a
+record's end reads a zero, exactly as the "same" padding of that record alone would, and
+pooling is a mean per segment. So a record's output does not depend on what it is packed
+with and equals its unpacked output (up to float rounding); the loss over the real segments
+equals the unpacked batch's. The work is the padded path's on L + 2 * (S - 1) positions per
+row, with no per-record step (an exact alternative, masking each of the k taps by "same
+segment as the centre", costs a k-fold im2col matmul: 2-3x slower on CPU than the native
+convolution). ``position_ids`` are accepted and unused: the model has no position embedding.
+
 ``init_weights(seed)`` is the one numpy weight dict both frameworks load (Keras layouts: conv
 kernels ``(k, in, out)``, dense ``(in, out)``); its shapes define the architecture.
 ``deepcal_tf.weights_from_tf`` and ``deepcal_torch.weights_from_torch`` read a trained model
@@ -47,6 +61,8 @@ KERNEL = 5
 CONV_LAYERS = 2
 HIDDEN = 128
 COORD_SCALE = np.array([90.0, 180.0], dtype=np.float32)
+PACKED_FEATURES = ("input_ids", "segment_ids", "segment_mask")  # packed rows [B, L], [B, S]
+FLAT_FEATURES = ("input_ids", "cu_seqlens")  # the flattened form: [1, T], [n + 1]
 
 
 def bucket_ids(input_ids: np.ndarray, vocab: int = VOCAB) -> np.ndarray:
@@ -125,8 +141,10 @@ __all__ = [
     "CONV_LAYERS",
     "COORD_SCALE",
     "EMBED",
+    "FLAT_FEATURES",
     "HIDDEN",
     "KERNEL",
+    "PACKED_FEATURES",
     "VOCAB",
     "bucket_ids",
     "check_weights",

@@ -1,7 +1,9 @@
 """The DeepCAL-like geocoder in TensorFlow/Keras (architecture and loss: see ``dlpipe.models``).
 
 A functional Keras model rather than a subclass: ``seq_len`` becomes the input shape, and
-``summary``, ``save`` and ``load_model`` work without registering a custom class.
+``summary``, ``save`` and ``load_model`` work without registering a custom class. Packed batches
+(``dlpipe.loaders.packing``) run through ``packed_outputs``/``flat_outputs``, which use the
+same model's layers and weights, so one model trains on padded and packed batches alike.
 """
 
 from __future__ import annotations
@@ -87,20 +89,37 @@ def deepcal_loss(labels: Any, predictions: Any) -> Any:
 TF_LOSS = deepcal_loss
 
 
+def batch_loss(model: Any, features: dict[str, Any], labels: Any, training: bool = False) -> Any:
+    """The loss of a batch in any of its forms, told apart by its keys: padded (``FEATURES``,
+    labels [B, 2]), packed rows (``dlpipe.models.PACKED_FEATURES``, labels [B, S, 2]) or
+    flattened (``FLAT_FEATURES``, labels [n, 2]). Other keys (``lengths``, ...) are ignored."""
+    if "cu_seqlens" in features:
+        return deepcal_loss(
+            labels, flat_outputs(model, features["input_ids"], features["cu_seqlens"])
+        )
+    if "segment_ids" in features:
+        mask = features["segment_mask"]
+        pred = packed_outputs(
+            model, features["input_ids"], features["segment_ids"], _tf().shape(mask)[1]
+        )
+        return deepcal_packed_loss(labels, pred, mask)
+    return deepcal_loss(labels, model({k: features[k] for k in FEATURES}, training=training))
+
+
 def tf_train_step(model: Any, optimizer: Any) -> Any:
     """A ``tf.function`` ``step(features, labels) -> loss``: one optimizer step on a batch.
 
-    ``features`` holds ``input_ids`` and ``attention_mask`` ([B, L]); ``labels`` is [B, 2] in
-    degrees. ``reduce_retracing`` keeps one graph for every batch width. The loss comes back
-    as a tensor: reading it (``.numpy()``) waits for the step, so do that only when needed.
+    ``features`` holds ``input_ids`` and ``attention_mask`` ([B, L]) and ``labels`` is [B, 2] in
+    degrees, or the batch is packed (see ``batch_loss``). ``reduce_retracing`` keeps one graph
+    for every batch width. The loss comes back as a tensor: reading it (``.numpy()``) waits for
+    the step, so do that only when needed.
     """
     tf = _tf()
 
     @tf.function(reduce_retracing=True)
     def step(features: dict[str, Any], labels: Any) -> Any:
-        inputs = {k: features[k] for k in FEATURES}  # other keys (e.g. lengths) stay out
         with tf.GradientTape() as tape:
-            loss = deepcal_loss(labels, model(inputs, training=True))
+            loss = batch_loss(model, features, labels, training=True)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
@@ -108,11 +127,85 @@ def tf_train_step(model: Any, optimizer: Any) -> Any:
     return step
 
 
+def packed_outputs(model: Any, input_ids: Any, segment_ids: Any, num_segments: Any) -> Any:
+    """[B, S, 2] for packed rows: ``input_ids``/``segment_ids`` [B, L] (0 = padding, 1..S the
+    row's records in order, as ``dlpipe.loaders.packing`` lays them out), one output per segment
+    (``segment_mask`` says which are real). Equal, up to float rounding, to the outputs of each
+    record alone (see ``dlpipe.models``)."""
+    tf = _tf()
+    ids, seg = _spread(model, input_ids, tf.cast(segment_ids, tf.int32), num_segments)
+    x = _features(model, ids, seg)
+    batch, width = tf.shape(seg)[0], tf.shape(seg)[1]
+    rows = tf.repeat(tf.range(batch), width)
+    flat_seg = tf.reshape(seg, [-1])
+    # one bucket per (row, segment); padding goes to a last bucket that is dropped
+    ids = tf.where(flat_seg > 0, rows * num_segments + flat_seg - 1, batch * num_segments)
+    pooled = _segment_mean(tf.reshape(x, [batch * width, -1]), ids, batch * num_segments + 1)
+    pooled = tf.reshape(pooled[:-1], [batch, num_segments, -1])
+    return model.get_layer("out")(model.get_layer("dense")(pooled))
+
+
+def flat_outputs(model: Any, input_ids: Any, cu_seqlens: Any) -> Any:
+    """[n, 2] for the flattened form: ``input_ids`` [1, T], record i at tokens
+    ``cu_seqlens[i]:cu_seqlens[i + 1]``."""
+    tf = _tf()
+    cu = tf.cast(cu_seqlens, tf.int32)
+    seg = tf.searchsorted(cu[1:], tf.range(tf.shape(input_ids)[1]), side="right")[None] + 1
+    ids, seg = _spread(model, input_ids, seg, tf.shape(cu)[0] - 1)
+    x = _features(model, ids, seg)
+    pooled = _segment_mean(x[0], seg[0] - 1, tf.shape(cu)[0] - 1)  # gaps: -1, dropped
+    return model.get_layer("out")(model.get_layer("dense")(pooled))
+
+
+def _spread(model: Any, input_ids: Any, seg: Any, num_segments: Any) -> tuple[Any, Any]:
+    """Ids and segment ids with ``kernel // 2`` zero positions between consecutive segments of a
+    row: [B, L + kernel // 2 * (num_segments - 1)]. Padding moves to the end."""
+    tf = _tf()
+    gap = model.get_layer("conv1").kernel_size[0] // 2
+    batch, width = tf.shape(seg)[0], tf.shape(seg)[1]
+    at = tf.range(width)[None] + gap * (tf.where(seg > 0, seg, num_segments) - 1)
+    index = tf.stack([tf.broadcast_to(tf.range(batch)[:, None], [batch, width]), at], -1)
+    shape = tf.stack([batch, width + gap * (num_segments - 1)])
+    ids = tf.scatter_nd(index, tf.cast(input_ids, tf.int64), shape)
+    return ids, tf.scatter_nd(index, seg, shape)
+
+
+def _features(model: Any, ids: Any, seg: Any) -> Any:
+    """The padded model's embedding and convolutions, zeroing all but the segments' tokens."""
+    tf = _tf()
+    embed = model.get_layer("embed")
+    real = tf.cast(seg > 0, tf.float32)[..., None]
+    x = embed(tf.math.floormod(ids, embed.input_dim)) * real
+    for conv in (layer for layer in model.layers if layer.name.startswith("conv")):
+        x = conv(x) * real
+    return x
+
+
+def _segment_mean(values: Any, ids: Any, count: Any) -> Any:
+    tf = _tf()
+    total = tf.math.unsorted_segment_sum(values, ids, count)
+    n = tf.math.unsorted_segment_sum(tf.ones_like(ids, tf.float32), ids, count)
+    return total / tf.maximum(n, 1.0)[:, None]
+
+
+def deepcal_packed_loss(labels: Any, predictions: Any, segment_mask: Any) -> Any:
+    """``deepcal_loss`` over the real segments only: labels/predictions [B, S, 2], mask [B, S].
+    Equal to ``deepcal_loss`` of the same records unpacked."""
+    tf = _tf()
+    mask = tf.cast(segment_mask, tf.float32)[..., None]
+    err = tf.square(tf.cast(labels, tf.float32) / COORD_SCALE - tf.cast(predictions, tf.float32))
+    return tf.reduce_sum(err * mask) / tf.maximum(2.0 * tf.reduce_sum(mask), 1.0)
+
+
 __all__ = [
     "FEATURES",
     "TF_LOSS",
+    "batch_loss",
     "build_tf_model",
     "deepcal_loss",
+    "deepcal_packed_loss",
+    "flat_outputs",
+    "packed_outputs",
     "tf_train_step",
     "weights_from_tf",
 ]

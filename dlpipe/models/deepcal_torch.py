@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe._deps import require
+from dlpipe.errors import ConfigError
 from dlpipe.models import COORD_SCALE, VOCAB, check_weights, conv_layer_count, init_weights
 
 torch = require("torch", "the DeepCAL PyTorch model")
@@ -21,6 +22,8 @@ nn = torch.nn
 class DeepCalTorch(nn.Module):
     """``forward(input_ids, attention_mask)`` ([B, L] ints, any L) -> [B, 2] normalized coordinates.
 
+    Packed batches (see ``dlpipe.models``): ``forward(input_ids, segment_ids=..., num_segments=S)``
+    -> [B, S, 2], or ``forward(input_ids, cu_seqlens=...)`` ([1, T] ids) -> [n, 2].
     ``weights`` (from ``dlpipe.models.init_weights`` or ``weights_from_tf``) default to
     ``init_weights(seed)``, so a TF model built with the same seed has the same weights.
     """
@@ -49,7 +52,17 @@ class DeepCalTorch(nn.Module):
                 lin.weight.copy_(torch.from_numpy(w[f"{name}_w"]).T)
                 lin.bias.copy_(torch.from_numpy(w[f"{name}_b"]))
 
-    def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+    def forward(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        segment_ids: Any = None,
+        num_segments: int | None = None,
+        cu_seqlens: Any = None,
+    ) -> Any:
+        if segment_ids is not None or cu_seqlens is not None:
+            return self._packed(input_ids, segment_ids, num_segments, cu_seqlens)
         ids = torch.remainder(input_ids.long(), self.vocab)
         mask = attention_mask.to(torch.float32).unsqueeze(1)  # [B, 1, L]
         # contiguous: conv backward on a transposed view is ~5x slower on CPU
@@ -58,6 +71,39 @@ class DeepCalTorch(nn.Module):
             x = torch.relu(conv(x)) * mask  # zero the padding again, so more of it changes nothing
         pooled = x.sum(dim=2) / mask.sum(dim=2).clamp_min(1.0)
         return self.out(torch.relu(self.dense(pooled)))
+
+    def _packed(self, input_ids: Any, seg: Any, num_segments: int | None, cu_seqlens: Any) -> Any:
+        if cu_seqlens is not None:  # flattened: segment i + 1 for the tokens of record i
+            cu = cu_seqlens.long()
+            tokens = torch.arange(input_ids.shape[1], device=input_ids.device)
+            seg = (torch.searchsorted(cu[1:], tokens, right=True) + 1).unsqueeze(0)
+            num_segments = len(cu) - 1
+        elif num_segments is None:
+            raise ConfigError("segment_ids needs num_segments (segment_mask.shape[1])")
+        # kernel // 2 zero positions between consecutive segments of a row, padding to the end:
+        # then the padded path's own convolutions see zeros past every record's ends
+        seg, gap = seg.long(), self.convs[0].padding[0]
+        batch, width = seg.shape
+        at = torch.arange(width, device=seg.device) + gap * (
+            torch.where(seg > 0, seg, num_segments) - 1
+        )
+        spread = (batch, width + gap * (num_segments - 1))
+        ids = input_ids.long().new_zeros(spread).scatter_(1, at, input_ids.long())
+        seg = seg.new_zeros(spread).scatter_(1, at, seg)
+        mask = (seg > 0).to(torch.float32).unsqueeze(1)  # [B, 1, L']
+        x = self.embed(torch.remainder(ids, self.vocab)).transpose(1, 2).contiguous() * mask
+        for conv in self.convs:
+            x = torch.relu(conv(x)) * mask
+        # mean per (row, segment); padding and gaps go to a last bucket that is dropped
+        rows = torch.arange(batch, device=seg.device).repeat_interleave(spread[1])
+        flat_seg = seg.reshape(-1)
+        bucket = torch.where(flat_seg > 0, rows * num_segments + flat_seg - 1, batch * num_segments)
+        sums = x.new_zeros(batch * num_segments + 1, x.shape[1])
+        sums.index_add_(0, bucket, x.transpose(1, 2).reshape(-1, x.shape[1]))
+        counts = torch.bincount(bucket, minlength=batch * num_segments + 1).clamp_min(1)
+        pooled = (sums / counts.unsqueeze(1).to(sums.dtype))[:-1]
+        out = self.out(torch.relu(self.dense(pooled)))
+        return out if cu_seqlens is not None else out.view(batch, num_segments, 2)
 
 
 def weights_from_torch(model: DeepCalTorch) -> dict[str, np.ndarray]:
@@ -81,26 +127,57 @@ def deepcal_loss(predictions: Any, labels: Any) -> Any:
     return torch.mean((labels.to(torch.float32) / scale - predictions) ** 2)
 
 
+def deepcal_packed_loss(predictions: Any, labels: Any, segment_mask: Any) -> Any:
+    """``deepcal_loss`` over the real segments only ([B, S, 2], mask [B, S]): equal to
+    ``deepcal_loss`` of the same records unpacked."""
+    scale = torch.as_tensor(COORD_SCALE, device=labels.device)
+    mask = segment_mask.to(torch.float32).unsqueeze(-1)
+    err = (labels.to(torch.float32) / scale - predictions) ** 2
+    return (err * mask).sum() / (2.0 * mask.sum()).clamp_min(1.0)
+
+
+def batch_loss(model: Any, batch: dict[str, Any], device: Any) -> Any:
+    """The loss of a batch dict in any of its forms, told apart by its keys: padded
+    (``input_ids``, ``attention_mask``, ``labels`` [B, 2]), packed rows
+    (``dlpipe.models.PACKED_FEATURES``, ``labels`` [B, S, 2]) or flattened (``FLAT_FEATURES``,
+    ``labels`` [n, 2]); other keys are
+    ignored. Tensors move to ``device`` asynchronously when they sit in pinned memory."""
+
+    def get(key: str) -> Any:
+        t = batch[key]
+        return t.to(device, non_blocking=t.is_pinned())
+
+    if "cu_seqlens" in batch:
+        return deepcal_loss(model(get("input_ids"), cu_seqlens=get("cu_seqlens")), get("labels"))
+    if "segment_ids" in batch:
+        mask = get("segment_mask")
+        pred = model(get("input_ids"), segment_ids=get("segment_ids"), num_segments=mask.shape[1])
+        return deepcal_packed_loss(pred, get("labels"), mask)
+    return deepcal_loss(model(get("input_ids"), get("attention_mask")), get("labels"))
+
+
 def torch_train_step(
     model: Any, optimizer: Any, batch: dict[str, Any], device: Any, *, return_float: bool = False
 ) -> Any:
-    """One optimizer step on a batch dict (``input_ids``, ``attention_mask``, ``labels``).
+    """One optimizer step on a batch dict (``input_ids``, ``attention_mask``, ``labels``, or a
+    packed batch: see ``batch_loss``).
 
-    Tensors move to ``device`` asynchronously when they sit in pinned memory. The loss comes
-    back as a detached tensor, so a loop of steps never waits for the device; ``return_float``
-    reads it (one host sync) for when the value is wanted.
+    The loss comes back as a detached tensor, so a loop of steps never waits for the device;
+    ``return_float`` reads it (one host sync) for when the value is wanted.
     """
-
-    def move(t: Any) -> Any:
-        return t.to(device, non_blocking=t.is_pinned())
-
     optimizer.zero_grad(set_to_none=True)
-    pred = model(move(batch["input_ids"]), move(batch["attention_mask"]))
-    loss = deepcal_loss(pred, move(batch["labels"]))
+    loss = batch_loss(model, batch, device)
     loss.backward()
     optimizer.step()
     loss = loss.detach()
     return float(loss) if return_float else loss
 
 
-__all__ = ["DeepCalTorch", "deepcal_loss", "torch_train_step", "weights_from_torch"]
+__all__ = [
+    "DeepCalTorch",
+    "batch_loss",
+    "deepcal_loss",
+    "deepcal_packed_loss",
+    "torch_train_step",
+    "weights_from_torch",
+]
