@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError, PaddingError
-from dlpipe.formats.pieces import steps
+from dlpipe.formats.pieces import by_position
 from dlpipe.sources.base import Column
 
 SIDES = ("auto", "right", "left")
@@ -42,7 +43,7 @@ def resolve_padding(
     *,
     pad_id: int | None = None,
     lengths_column: str | None = None,
-    mask_column: str | None = "attention_mask",
+    mask_column: str | None = MASK_COLUMN,
     padding_side: str = "auto",
     sequence_columns: Sequence[str] | None = None,
     keep_mask: bool = False,
@@ -160,10 +161,10 @@ def record_lengths(
             )
         is_left = left & ~right if spec.side == "auto" else np.full(n, spec.side == "left")
         if spec.pad_id is not None:
-            _check_pad_region(steps(chunk[spec.reference], width), lengths, is_left,
+            _check_pad_region(by_position(chunk[spec.reference], width), lengths, is_left,
                               spec.pad_id, spec.reference, path, first_record, against=spec.mask_column)
         return lengths, is_left
-    ref = steps(chunk[spec.reference], width)
+    ref = by_position(chunk[spec.reference], width)
     real = ref[:, :, 0] != spec.pad_id if ref.shape[2] == 1 else (ref != spec.pad_id).any(axis=2)
     if spec.side == "right":  # one past the last real position: max of (position + 1) where real
         position = np.arange(1, width + 1, dtype=np.min_scalar_type(width))
@@ -200,7 +201,7 @@ def pad_values(chunk: Mapping[str, np.ndarray], spec: PaddingSpec, lengths, is_l
         return out
     region = padding_region(lengths, is_left, spec.max_length)
     for name in names:
-        data = steps(chunk[name], spec.max_length)
+        data = by_position(chunk[name], spec.max_length)
         vals = data[region]
         out[name] = (vals.min().item(), vals.max().item()) if vals.size else ()
     return out

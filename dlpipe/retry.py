@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
+import logging
 import math
 import os
 import random
 import re
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from dlpipe.errors import ConfigError, DlpipeError
+from dlpipe.errors import ConfigError, DlpipeError, StorageError
 
 RETRY_OPTION = "dlpipe_retry"  # the storage option that holds a RetryPolicy; never passed to fsspec
 _RETRY_ENV = {"attempts": "DLPIPE_RETRY_ATTEMPTS", "base_delay": "DLPIPE_RETRY_BASE_DELAY",
@@ -208,3 +212,59 @@ def _redact(text: str, options: Mapping[str, Any]) -> str:
         text = text.replace(value, "***")
     text = re.sub(r"(://)[^/@\s]+@", r"\1***@", " ".join(text.split()))
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+log = logging.getLogger("dlpipe.storage")
+_CALLS = threading.local()  # depth of Location calls on this thread: only the outermost retries
+
+
+def retried(what: str):
+    """Decorates a method of ``dlpipe.storage.Location``: a remote call, retried by the Location's RetryPolicy when it fails transiently
+    (the call must be safe to repeat: reads, whole-object writes, deletes). Other failures
+    surface as OSError, as local ones do: callers turn OSError into one-line errors, and
+    botocore, gcsfs and aiohttp raise their own types."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            if not self.remote:
+                return method(self, *args, **kwargs)
+            if getattr(_CALLS, "depth", 0):  # inside another Location call, which retries the whole
+                return method(self, *args, **kwargs)
+            policy = self.retry_policy
+            _CALLS.depth = 1
+            try:
+                failures = 0
+                while True:
+                    try:
+                        return method(self, *args, **kwargs)
+                    except DlpipeError:
+                        raise
+                    except Exception as e:
+                        if not is_transient(e):
+                            if isinstance(e, OSError):
+                                raise
+                            raise OSError(errno.EIO, _redact(f"{type(e).__name__}: {e}", self.storage_options)) \
+                                from e
+                        failures += 1
+                        cause = _redact(_cause(e), self.storage_options)
+                        if failures >= policy.attempts:
+                            op = what
+                            if method.__name__ == "read_bytes":
+                                start = args[0] if args else kwargs.get("start")
+                                end = args[1] if len(args) > 1 else kwargs.get("end")
+                                if start is not None or end is not None:
+                                    op = f"{what} of bytes {start}-{end}"
+                            times = "1 attempt" if failures == 1 else f"{failures} attempts"
+                            raise StorageError(self.url, f"{self.url}: {op} failed after {times}; last error: "
+                                                         f"{cause}", failures) from e
+                        wait = policy.delay(failures)
+                        log.debug("%s: %s failed (%s); attempt %d of %d in %.2f s", self.url, what, cause,
+                                  failures + 1, policy.attempts, wait)
+                        time.sleep(wait)
+            finally:
+                _CALLS.depth = 0
+
+        return wrapper
+
+    return decorate

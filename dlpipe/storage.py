@@ -11,7 +11,7 @@ every error show the URL only.
 
 Transient faults of remote storage (HTTP 500/502/503/504/429/408 answers such as S3's 503
 SlowDown, connections refused or reset, bodies cut short, requests that stall past the timeout)
-are retried here, per Location call, with bounded exponential backoff and full jitter; a range
+are retried (``dlpipe.retry.retried``), per Location call, with bounded exponential backoff and full jitter; a range
 read that returns fewer bytes than asked counts as a fault too. Anything else (403, 404, bad
 credentials, invalid requests) fails at once. After the last attempt the call raises one
 ``StorageError`` naming the object URL, the number of attempts and the last cause.
@@ -31,25 +31,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
-import logging
 import os
 import posixpath
 import shutil
 import tempfile
-import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from dlpipe.errors import ConfigError, DlpipeError, MissingDependencyError, StorageError
-from dlpipe.retry import RETRY_OPTION, RetryPolicy, _cause, _redact, _ShortRead, is_transient
+from dlpipe.errors import ConfigError, MissingDependencyError, StorageError
+from dlpipe.local_dirs import default_cache_dir, file_lock
+from dlpipe.retry import RETRY_OPTION, RetryPolicy, _ShortRead, retried
 
 __all__ = ["Location", "RetryPolicy", "StorageError", "is_remote", "parse_storage_options"]
 
-log = logging.getLogger("dlpipe.storage")
 
 # protocol -> pip extra that brings its fsspec implementation
 _EXTRA = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -86,63 +82,6 @@ def parse_storage_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 raise ConfigError(f"--storage-option {key}: {p} is given both as a value and as a group")
         node[last] = value
     return out
-
-
-# -- transient faults -----------------------------------------------------------------------------
-
-_CALLS = threading.local()  # depth of Location calls on this thread: only the outermost retries
-
-
-def _io(what: str):
-    """A remote Location call, retried by the Location's RetryPolicy when it fails transiently
-    (the call must be safe to repeat: reads, whole-object writes, deletes). Other failures
-    surface as OSError, as local ones do: callers turn OSError into one-line errors, and
-    botocore, gcsfs and aiohttp raise their own types."""
-
-    def decorate(method):
-        @functools.wraps(method)
-        def wrapper(self, *args, **kwargs):
-            if not self.remote:
-                return method(self, *args, **kwargs)
-            if getattr(_CALLS, "depth", 0):  # inside another Location call, which retries the whole
-                return method(self, *args, **kwargs)
-            policy = self.retry_policy
-            _CALLS.depth = 1
-            try:
-                failures = 0
-                while True:
-                    try:
-                        return method(self, *args, **kwargs)
-                    except DlpipeError:
-                        raise
-                    except Exception as e:
-                        if not is_transient(e):
-                            if isinstance(e, OSError):
-                                raise
-                            raise OSError(errno.EIO, _redact(f"{type(e).__name__}: {e}", self.storage_options)) \
-                                from e
-                        failures += 1
-                        cause = _redact(_cause(e), self.storage_options)
-                        if failures >= policy.attempts:
-                            op = what
-                            if method.__name__ == "read_bytes":
-                                start = args[0] if args else kwargs.get("start")
-                                end = args[1] if len(args) > 1 else kwargs.get("end")
-                                if start is not None or end is not None:
-                                    op = f"{what} of bytes {start}-{end}"
-                            times = "1 attempt" if failures == 1 else f"{failures} attempts"
-                            raise StorageError(self.url, f"{self.url}: {op} failed after {times}; last error: "
-                                                         f"{cause}", failures) from e
-                        wait = policy.delay(failures)
-                        log.debug("%s: %s failed (%s); attempt %d of %d in %.2f s", self.url, what, cause,
-                                  failures + 1, policy.attempts, wait)
-                        time.sleep(wait)
-            finally:
-                _CALLS.depth = 0
-
-        return wrapper
-
-    return decorate
 
 
 class Location:
@@ -227,11 +166,11 @@ class Location:
 
     # -- queries -------------------------------------------------------------------------------
 
-    @_io("existence check")
+    @retried("existence check")
     def exists(self) -> bool:
         return self.fs.exists(self.fs_path) if self.remote else os.path.exists(self.url)
 
-    @_io("lookup")
+    @retried("lookup")
     def isfile(self) -> bool:
         if not self.remote:
             return os.path.isfile(self.url)
@@ -240,15 +179,15 @@ class Location:
         except FileNotFoundError:
             return False
 
-    @_io("lookup")
+    @retried("lookup")
     def isdir(self) -> bool:
         return self.fs.isdir(self.fs_path) if self.remote else os.path.isdir(self.url)
 
-    @_io("size lookup")
+    @retried("size lookup")
     def size(self) -> int:
         return int(self.fs.size(self.fs_path)) if self.remote else os.path.getsize(self.url)
 
-    @_io("listing")
+    @retried("listing")
     def listdir(self) -> list[str]:
         """Names directly under this directory ([] when there is nothing)."""
         if not self.remote:
@@ -261,7 +200,7 @@ class Location:
         base = self.fs_path.rstrip("/") + "/"
         return sorted({e[len(base):].split("/", 1)[0] for e in entries if e.startswith(base) and len(e) > len(base)})
 
-    @_io("listing")
+    @retried("listing")
     def file_sizes(self) -> dict[str, int]:
         """{name: size} of the files directly under this directory (one listing request remotely)."""
         if not self.remote:
@@ -277,7 +216,7 @@ class Location:
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e.get("type") == "file"}
 
-    @_io("listing")
+    @retried("listing")
     def walk_files(self) -> list[Location]:
         """Every file under this directory, or this file."""
         if not self.remote:
@@ -290,7 +229,7 @@ class Location:
             return [Location(prefix + p, self.storage_options) for p in sorted(fs.find(self.fs_path))]
         return [self]
 
-    @_io("lookup")
+    @retried("lookup")
     def identity(self) -> str:
         """What changes when the file changes: size and mtime locally, size and ETag (or mtime)
         remotely. Used in fingerprints; holds no credentials."""
@@ -303,7 +242,7 @@ class Location:
 
     # -- reading -------------------------------------------------------------------------------
 
-    @_io("read")
+    @retried("read")
     def read_bytes(self, start: int | None = None, end: int | None = None) -> bytes:
         """The whole file, or bytes ``[start, end)`` (one range request when remote). A remote
         range that comes back shorter than asked, while the object holds those bytes, is a
@@ -331,7 +270,7 @@ class Location:
             os.makedirs(self.url, exist_ok=True)
         # object stores have no directories: keys appear with their first object
 
-    @_io("write")
+    @retried("write")
     def write_bytes(self, data: bytes) -> None:
         """Write the whole file atomically: a single PUT remotely, tmp + fsync + rename locally."""
         if self.remote:
@@ -345,7 +284,7 @@ class Location:
             os.fsync(f.fileno())
         os.replace(tmp, self.url)
 
-    @_io("upload")
+    @retried("upload")
     def put_file(self, local: str) -> None:
         """Upload (or move) a finished local file to this location. An object appears under its
         key only when the upload completes, so a reader never sees part of it."""
@@ -355,7 +294,7 @@ class Location:
         else:
             os.replace(local, self.url)
 
-    @_io("delete")
+    @retried("delete")
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.remote:
@@ -363,7 +302,7 @@ class Location:
             else:
                 os.remove(self.url)
 
-    @_io("delete")
+    @retried("delete")
     def remove_tree(self) -> None:
         if self.remote:
             with contextlib.suppress(FileNotFoundError):
@@ -391,7 +330,7 @@ class Location:
                 self._download(files, root, target)
         return target
 
-    @_io("download")
+    @retried("download")
     def _get_file(self, dest: str) -> None:
         self.fs.get_file(self.fs_path, dest)  # rewrites dest from its start on every attempt
 
@@ -438,41 +377,3 @@ def _filesystem(protocol: str, options: Mapping[str, Any], policy: RetryPolicy):
             fs.retries = 1
         _FILESYSTEMS[key] = fs
     return fs
-
-
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock between processes on this machine (one download of a file)."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks: processes may download the same file twice
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            # gone before it is unlocked: a later process finds the target, or (after a failed
-            # download) locks a new file and tries again; a waiter on this one then may too
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("DLPIPE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dlpipe")
-
-
-@contextlib.contextmanager
-def staging_dir() -> Iterator[str]:
-    """A private local directory for files on their way to object storage (``$DLPIPE_STAGING_DIR``
-    or the system temp directory)."""
-    base = os.environ.get("DLPIPE_STAGING_DIR")
-    if base:
-        os.makedirs(base, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="dlpipe-", dir=base)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 import dlpipe
 from dlpipe.errors import ConfigError, DlpipeError, FormatError, OutputError
 from dlpipe.manifest import load_manifest
-from dlpipe.storage import Location, RetryPolicy, StorageError, is_transient
+from dlpipe.retry import is_transient
+from dlpipe.storage import Location, RetryPolicy, StorageError
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

@@ -42,8 +42,8 @@ def flat_rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
 
 
-def steps(a: np.ndarray, width: int) -> np.ndarray:
-    """``a`` as (n, width, elements per step), for columns padded along their first axis."""
+def by_position(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` as (n, width, elements per position), for columns padded along their first axis."""
     inner = int(np.prod(a.shape[1:], dtype=np.int64)) // width if width else 1
     return a.reshape(a.shape[0], width, inner)
 

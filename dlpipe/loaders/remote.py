@@ -24,8 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from dlpipe.errors import FormatError
+from dlpipe.local_dirs import file_lock
 from dlpipe.manifest import ShardInfo
-from dlpipe.storage import Location, StorageError, file_lock
+from dlpipe.storage import Location, StorageError
 
 DEFAULT_PREFETCH_BYTES = 32 << 20
 DEFAULT_REQUEST_BYTES = 4 << 20

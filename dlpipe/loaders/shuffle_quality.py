@@ -44,14 +44,15 @@ def plan_order(ds: Any, batch_size: int, *, epoch: int = 0) -> np.ndarray:
     """Source positions (records numbered through the split's shards in manifest order) in the
     order a single-process loader over ``ds`` yields them in ``epoch``."""
     sizes = [s.num_records for s in ds.shards]
+    cfg = ds.shuffle_config
     first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    windows = epoch_windows(sizes, batch_size=batch_size, shuffle=ds.shuffled, seed=ds.shuffle_seed or 0,
-                            epoch=epoch, window_batches=buffer_batches(ds.buffer_size, batch_size),
-                            block_records=ds.block_records if ds.shuffled else None)
+    windows = epoch_windows(sizes, batch_size=batch_size, shuffle=cfg.shuffled, seed=cfg.plan_seed,
+                            epoch=epoch, window_batches=buffer_batches(cfg.buffer_size, batch_size),
+                            block_records=cfg.block_records)
     out = []
     for w in windows:
         positions = np.concatenate([np.arange(first[s] + a, first[s] + b) for s, a, b in w.ranges])
-        rows = window_batches(w, None, batch_size=batch_size, shuffle=ds.shuffled,
-                              seed=ds.shuffle_seed or 0, epoch=epoch, rank=0)
+        rows = window_batches(w, None, batch_size=batch_size, shuffle=cfg.shuffled,
+                              seed=cfg.plan_seed, epoch=epoch, rank=0)
         out += [positions[r] for r in rows]
     return np.concatenate(out) if out else np.empty(0, np.int64)

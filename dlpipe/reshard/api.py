@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from dlpipe._units import format_bytes, parse_size
 from dlpipe._version import __version__
 from dlpipe.columns import column_stats
+from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError, OutputError
 from dlpipe.formats import deflate, get_format
 from dlpipe.manifest import build_manifest, record_cost
@@ -71,7 +72,7 @@ def reshard(
     splits: Mapping[str, float] | str | None = None,
     pad_id: int | None = None,
     lengths_column: str | None = None,
-    mask_column: str | None = "attention_mask",
+    mask_column: str | None = MASK_COLUMN,
     padding_side: str = "auto",
     sequence_columns: Sequence[str] | None = None,
     keep_mask: bool = False,

@@ -31,9 +31,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from dlpipe.errors import OutputError
+from dlpipe.local_dirs import staging_dir
 from dlpipe.manifest import MANIFEST, ShardInfo
 from dlpipe.reshard.output_lock import LOCK_FILE, REMOTE_LOCK, LocalRunLock, RemoteRunLock, RunLock
-from dlpipe.storage import Location, staging_dir
+from dlpipe.storage import Location
 
 STATE_DIR = ".dlpipe"
 _LOCK_NAMES = (LOCK_FILE, REMOTE_LOCK.split("/")[0])

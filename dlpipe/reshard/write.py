@@ -19,7 +19,7 @@ from dlpipe.errors import ConfigError, OutputError
 from dlpipe.formats import deflate
 from dlpipe.formats.compression import open_compressed_writer
 from dlpipe.formats.index import index_lines
-from dlpipe.formats.pieces import flat_rows, steps
+from dlpipe.formats.pieces import by_position, flat_rows
 from dlpipe.manifest import ShardInfo
 from dlpipe.padding import PaddingSpec, left_align
 from dlpipe.reshard.job import Job, current_job
@@ -59,7 +59,7 @@ def to_batch(chunk, spec: PaddingSpec, encodings, lengths, is_left) -> dict[str,
         if enc.variable:
             # only the chunk's longest record matters: narrower blocks make every later pass cheaper
             longest = int(lengths.max()) if len(lengths) else 0
-            data = left_align(steps(data, spec.max_length), lengths, is_left)[:, :longest]
+            data = left_align(by_position(data, spec.max_length), lengths, is_left)[:, :longest]
             batch[name] = ColumnBatch(flat_rows(data).astype(storage, copy=False), lengths * enc.inner)
         else:
             batch[name] = ColumnBatch(flat_rows(data).astype(storage, copy=False), None)

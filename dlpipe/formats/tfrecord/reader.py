@@ -91,7 +91,7 @@ def _typed(f: DecodedFeature, enc: ColumnEncoding, path: str, frames: np.ndarray
 
 def verify_records(buf: np.ndarray, columns: Mapping[str, ColumnEncoding], *, path: str) -> tuple[np.ndarray, np.ndarray]:
     """Walk every frame (CRCs checked) and decode every Example against ``columns``: each record's
-    tokens (steps of the first variable column that has any) and the n + 1 frame offsets."""
+    tokens (positions of the first variable column that has any) and the n + 1 frame offsets."""
     offsets = scan_frames(buf, path=path)
     starts, ends = payload_bounds(offsets)
     feats = decode_examples(np.asarray(buf), starts, ends, path=path, frame_offsets=offsets[:-1])

@@ -256,7 +256,7 @@ def decode_runs(buf: np.ndarray, runs: list[np.ndarray], encodings: dict[str, Co
 
 def verify_records(buf: np.ndarray, columns: dict[str, ColumnEncoding], *, path: str) -> tuple[np.ndarray, None]:
     """Walk a whole shard, checking every header and member against ``columns``; return each
-    record's tokens (steps of the first variable column; zeros without one) and None: the samples'
+    record's tokens (positions of the first variable column; zeros without one) and None: the samples'
     offsets are not collected, so the index is checked by its length alone."""
     keys, decoded = read_samples(np.asarray(buf), columns, path=path)
     for name, enc in columns.items():

@@ -30,8 +30,8 @@ def _member_data(name, enc: ColumnEncoding, col: ColumnBatch) -> tuple[np.ndarra
             raise ConfigError(
                 f"column {name!r}: elems[{i}]={int(elems[i])} must be a multiple of {enc.inner} in 0..{width}"
             )
-        steps, inverse = np.unique(elems // enc.inner, return_inverse=True)
-        heads = [npy_header(storage, (s, *enc.shape[1:])) for s in steps.tolist()]
+        lengths, inverse = np.unique(elems // enc.inner, return_inverse=True)
+        heads = [npy_header(storage, (s, *enc.shape[1:])) for s in lengths.tolist()]
         inverse = inverse.ravel()
         nbytes = elems * storage.itemsize
     else:
