@@ -10,7 +10,8 @@ numbers or its error and the run goes on; the exit code is 1 if any check failed
 
 Checks: the device and its memory; DDP at world size 1 (NCCL on a GPU, gloo on CPU) training
 DeepCAL from dlpipe's loader; host-to-device copies from pageable and pinned batches
-(``pin_memory=True``), synchronized; DeepCAL's step time synchronized with the device; and
+(``pin_memory=True``), synchronized; training fed by ``DevicePrefetcher`` (the next batch copied
+on a side CUDA stream during the step) against copies inside the step; DeepCAL's step time synchronized with the device; and
 ``dlpipe bench --frameworks torch --gpus all`` on a small corpus. Results: ``results.json`` and
 ``results.md`` in ``--out`` (and the bench's own report in ``--out/bench``).
 """
@@ -130,6 +131,41 @@ def check_h2d(torch, device, data: Path, batches: int) -> dict[str, Any]:
     return out
 
 
+def check_prefetch(torch, device, data: Path, steps: int) -> dict[str, Any]:
+    """DeepCAL trained from pinned batches copied in the step, then from ``DevicePrefetcher``
+    (the next batch copied on a side stream during the step): the same batches either way,
+    and the step-to-step time of each, synchronized at the end."""
+    from dlpipe.loaders.torch_prefetch import DevicePrefetcher
+    from dlpipe.models.deepcal_torch import DeepCalTorch, torch_train_step
+
+    out: dict[str, Any] = {}
+    seen = {}
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = DeepCalTorch().to(device)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        loader = dlpipe.load_dataset(data).shuffle(seed=0).to_torch_dataloader(
+            batch_size=BATCH, num_workers=2, pin_memory=device.type == "cuda")
+        batches = DevicePrefetcher(loader, device, depth=2) if prefetch else loader
+        labels, times = [], []
+        _sync(torch, device)
+        t = time.perf_counter()
+        for i, batch in zip(range(steps), batches):
+            torch_train_step(model, opt, batch, device)
+            labels.append(float(batch["labels"].double().sum()))
+            if i == 1:  # from the third step on: workers started, allocator warm
+                _sync(torch, device)
+                t = time.perf_counter()
+        _sync(torch, device)
+        times = (time.perf_counter() - t) / max(1, len(labels) - 2)
+        seen[prefetch] = labels
+        out["prefetch" if prefetch else "copy_in_step"] = {"steps": len(labels), "ms_per_step": 1000 * times}
+    out["same_batches"] = seen[False] == seen[True]
+    if not out["same_batches"]:
+        raise AssertionError("DevicePrefetcher changed the batches")
+    return out
+
+
 def check_step(torch, device, steps: int) -> dict[str, Any]:
     """DeepCAL's train step alone, each synchronized with the device, at two widths."""
     from dlpipe.models.deepcal_torch import DeepCalTorch, torch_train_step
@@ -195,6 +231,7 @@ def run(out: Path, quick: bool, skip: frozenset[str] = frozenset()) -> dict[str,
         data = data_box["d"]
         attempt("ddp", lambda: check_ddp(torch, device, data, 5 if quick else 100))
         attempt("h2d", lambda: check_h2d(torch, device, data, 5 if quick else 50))
+        attempt("prefetch", lambda: check_prefetch(torch, device, data, 6 if quick else 100))
         attempt("step", lambda: check_step(torch, device, 5 if quick else 50))
         attempt("bench", lambda: check_bench(data, out / "bench", quick))
     return results

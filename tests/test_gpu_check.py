@@ -21,7 +21,8 @@ def test_gpu_check_runs_every_check_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     checks = json.loads((tmp_path / "results.json").read_text())["checks"]
-    assert set(checks) == {"device", "data", "ddp", "h2d", "step"} and all(c["ok"] for c in checks.values())
+    assert set(checks) == {"device", "data", "ddp", "h2d", "prefetch", "step"} and all(c["ok"] for c in checks.values())
     assert checks["ddp"]["backend"] == "gloo" and checks["ddp"]["steps"] == 5
+    assert checks["prefetch"]["same_batches"] and checks["prefetch"]["prefetch"]["steps"] == 6
     assert checks["h2d"]["pinned"]["bytes"] == checks["h2d"]["pageable"]["bytes"] > 0
     assert "| ddp | yes |" in (tmp_path / "results.md").read_text()
