@@ -15,8 +15,9 @@ imported only when ``to_tf_dataset`` / ``to_torch_dataloader`` is called.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from dlpipe.loaders.common import epoch_windows, shuffle_block_records, window_b
 from dlpipe.loaders.options import ShuffleConfig
 from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
 from dlpipe.loaders.shard_reader import ShardReader
+from dlpipe.loaders.transforms import Transform, apply_transforms, make_transform
 from dlpipe.loaders.windows import read_window, read_windows
 from dlpipe.manifest import DatasetInfo, load_manifest
 
@@ -53,6 +55,7 @@ class ShardDataset:
         self.buffer_size = SHUFFLE_BUFFER
         self.chosen_block_records: int | None = None
         self.epoch = 0
+        self.transforms: tuple[Transform, ...] = ()
         self.read_options = {"cache_dir": cache_dir, "prefetch_bytes": prefetch_bytes, "request_bytes": request_bytes}
         self._reader: ShardReader | None = None
         self.reader()  # validates the read options
@@ -148,7 +151,37 @@ class ShardDataset:
         """As ``datasets.IterableDataset.set_epoch``: reshuffles with seed + epoch."""
         self.epoch = int(epoch)
 
+    def map(self, function: Callable[..., Any] | None = None, *, batched: bool = False, batch_size: int | None = 1000,
+            remove_columns: str | Sequence[str] | None = None,
+            fn_kwargs: Mapping[str, Any] | None = None) -> ShardDataset:
+        """As ``datasets.IterableDataset.map``: ``function(record) -> dict`` of columns to add or
+        replace (``batched``: a dict of lists in and out), applied lazily while iterating and in
+        the PyTorch loader's workers (``dlpipe.loaders.transforms``). ``to_tf_dataset`` refuses
+        Python transforms: map the tf.data dataset with TensorFlow ops instead."""
+        t = make_transform(function if function is not None else (lambda r: {}), keep=False, batched=batched,
+                           batch_size=batch_size, remove_columns=remove_columns, fn_kwargs=fn_kwargs)
+        return self._with(t)
+
+    def filter(self, function: Callable[..., Any], *, batched: bool = False, batch_size: int | None = 1000,
+               fn_kwargs: Mapping[str, Any] | None = None) -> ShardDataset:
+        """As ``datasets.IterableDataset.filter``: keep the records for which ``function(record)``
+        is true (``batched``: one bool per record of a dict of lists). In the PyTorch loader a
+        filter leaves fewer records in a batch (see ``dlpipe.loaders.transforms``)."""
+        return self._with(make_transform(function, keep=True, batched=batched, batch_size=batch_size,
+                                         remove_columns=None, fn_kwargs=fn_kwargs))
+
+    def _with(self, transform: Transform) -> ShardDataset:
+        out = copy.copy(self)
+        out.transforms = (*self.transforms, transform)
+        return out
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        records = self._records()
+        for t in self.transforms:
+            records = _staged(records, t)
+        return records
+
+    def _records(self) -> Iterator[dict[str, np.ndarray]]:
         reader = self.reader()
         enc = reader.encodings
         windows = epoch_windows([s.num_records for s in self.shards], batch_size=1,
@@ -164,6 +197,11 @@ class ShardDataset:
     # -- framework front ends
     def to_tf_dataset(self, *args, **kwargs):
         """A native ``tf.data.Dataset`` of padded batches; see ``dlpipe.loaders.tf_data``."""
+        if self.transforms:
+            kinds = ", ".join(t.kind for t in self.transforms)
+            raise ConfigError(f"this dataset has Python transforms ({kinds}); tf.data runs graph functions: "
+                              "call to_tf_dataset on the dataset without them and use tf_ds.map(fn) / "
+                              "tf_ds.filter(fn) with TensorFlow ops on its batches")
         from dlpipe.loaders.tf_data import to_tf_dataset
 
         return to_tf_dataset(self, *args, **kwargs)
@@ -173,6 +211,16 @@ class ShardDataset:
         from dlpipe.loaders.torch_data import to_torch_dataloader
 
         return to_torch_dataloader(self, *args, **kwargs)
+
+
+def _staged(records: Iterator[dict[str, Any]], t: Transform) -> Iterator[dict[str, Any]]:
+    """One transform over a stream of records (a batched one over runs of ``t.batch_size``)."""
+    size = t.batch_size if t.batched else 1
+    while True:
+        chunk = list(itertools.islice(records, size))
+        if not chunk:
+            return
+        yield from apply_transforms(chunk, (t,))
 
 
 def _row(col, i: int, enc) -> np.ndarray:
