@@ -5,10 +5,13 @@ run on one machine, batch size 256, shuffled, and are iterated in eager Python t
 training loop does (``for batch in loader``). The shards are written once per run by
 ``dlpipe.reshard`` into ``bench/.cache/loader-shards/`` (TFRecord and WebDataset, 8 shards).
 
-TF side: ``dlpipe-tf`` (``ShardDataset.to_tf_dataset``), ``tfdata-handwritten`` (TensorFlow's
+TF side: ``dlpipe-tf`` (``ShardDataset.to_tf_dataset``; ``-bucket`` with
+``bucket_boundaries="auto"``, ``-packed`` with ``packing=True``), ``tfdata-handwritten`` (TensorFlow's
 performance guide over the same TFRecord shards, decoding the encodings in the manifest) and
 ``hf-tf`` (HF ``datasets`` over the padded arrays, ``Dataset.to_tf_dataset``).
-PyTorch side: ``dlpipe-torch`` with 0 and 2 workers, the ``tfrecord`` package's
+PyTorch side: ``dlpipe-torch`` with 0 and 2 workers (and at 0 workers with buckets and with
+packing: rows of the longest record rounded up to 8 tokens, about 256 records per batch, the rule
+of ``dlpipe bench``'s padding modes, ``dlpipe.benchmark.modes``), the ``tfrecord`` package's
 ``MultiTFRecordDataset``, ``webdataset.WebDataset`` over dlpipe's ``.tar.gz`` shards, and HF
 ``with_format("torch")`` with batched (``__getitems__``) access; the peers at 0 and 2 workers.
 
@@ -16,7 +19,9 @@ Each run builds a fresh loader, takes ``--warmup`` batches untimed (worker start
 buffers), then times ``--batches`` batches; ``--repeat`` rounds, every contender once per
 round, reported as median (min-max). Every batch's ``input_ids`` go through numpy to count real
 tokens (non-pad ids; 0 never occurs in the text), so tokens/s counts real tokens and padding
-efficiency = real tokens / tokens in the padded batches.
+efficiency = real tokens / tokens in the padded (or packed) batches; samples are records (a
+packed batch's real segments). Judged: packing >= 0.8x the same loader without it, TF with
+buckets >= 0.9x TF without.
 
     python bench/loader_bench.py [--records 200000] [--repeat 3] [--only dlpipe-torch-w0,...]
     python bench/loader_bench.py --render-only

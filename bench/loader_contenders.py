@@ -30,6 +30,12 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     ),
     "dlpipe-torch-w2": ("torch", "the same, `num_workers=2`"),
     "dlpipe-torch-w0-bucket": ("torch", '`num_workers=0`, `bucket_boundaries="auto"`'),
+    "dlpipe-torch-w0-packed": (
+        "torch",
+        "`num_workers=0`, `packing=True`: rows of the longest record rounded up to 8 tokens,"
+        " batch_size = round(256 x mean length / (max_length x 0.98)) rows, about 256 records"
+        " per batch (`dlpipe.benchmark.modes`); samples/s counts records",
+    ),
     "tfrecord-torch-w0": (
         "torch",
         "`tfrecord.torch.MultiTFRecordDataset` (dlpipe's `.index` files) + padding collate, 0 workers",
@@ -50,6 +56,7 @@ CONTENDERS: dict[str, tuple[str, str]] = {
         '`to_tf_dataset(batch_size=256, columns=["input_ids"], label_cols=["labels"], shuffle=True, prefetch=True)`',
     ),
     "dlpipe-tf-bucket": ("tf", 'the same with `bucket_boundaries="auto"`'),
+    "dlpipe-tf-packed": ("tf", "the same with `packing=True`, rows and max_length as for `dlpipe-torch-w0-packed`"),
     "tfdata-handwritten": (
         "tf",
         "files (shuffled) → `interleave(TFRecordDataset, cycle_length=8)` → `shuffle(1000)` → `batch` → `map(parse_example + decode)` → `prefetch`; AUTOTUNE, `deterministic=False`",
@@ -122,12 +129,20 @@ def pad_collate(records: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     return {"input_ids": padded, "attention_mask": mask, "labels": labels}
 
 
-def dlpipe_torch(shards: Path, workers: int, bucket: bool = False) -> Callable[[], Iterable]:
+def padding_kwargs(shards: Path, mode: str) -> dict[str, Any]:
+    """The loader arguments of a padding mode at 256 records per batch (``dlpipe bench``'s
+    rule, ``dlpipe.benchmark.modes.plan``): buckets or packing, ``batch_size`` included."""
+    from dlpipe.benchmark.modes import plan
+
+    return plan(mode, str(shards / "tfrecord"), 256).loader_kwargs
+
+
+def dlpipe_torch(shards: Path, workers: int, bucket: bool = False, packed: bool = False) -> Callable[[], Iterable]:
     import dlpipe
 
     ds = dlpipe.load_dataset(shards / "tfrecord")
-    extra = {"bucket_boundaries": "auto"} if bucket else {}
-    loader = ds.to_torch_dataloader(batch_size=256, shuffle=True, num_workers=workers, **extra)
+    mode = "packing" if packed else "buckets" if bucket else "longest"
+    loader = ds.to_torch_dataloader(shuffle=True, num_workers=workers, **padding_kwargs(shards, mode))
     return lambda: loader
 
 
@@ -194,14 +209,14 @@ def hf_torch(hf: Any, workers: int) -> Callable[[], Iterable]:
 # --- TF contenders -----------------------------------------------------------------------------
 
 
-def dlpipe_tf(shards: Path, bucket: bool = False) -> Callable[[], Iterable]:
+def dlpipe_tf(shards: Path, bucket: bool = False, packed: bool = False) -> Callable[[], Iterable]:
     import dlpipe
 
     ds = dlpipe.load_dataset(shards / "tfrecord")
-    extra = {"bucket_boundaries": "auto"} if bucket else {}
+    mode = "packing" if packed else "buckets" if bucket else "longest"
     tfds = ds.to_tf_dataset(
-        batch_size=256, columns=["input_ids"], label_cols=["labels"], shuffle=True, prefetch=True,
-        **extra,
+        columns=["input_ids"], label_cols=["labels"], shuffle=True, prefetch=True,
+        **padding_kwargs(shards, mode),
     )  # fmt: skip
     return lambda: tfds
 
@@ -305,13 +320,21 @@ def dlpipe_tf_status() -> str | None:
     return None
 
 
-def accepts_buckets(func_path: str) -> bool:
+def accepts(func_path: str, param: str) -> bool:
+    """Whether the function at ``func_path`` takes ``param`` (a loader before a feature lacks it)."""
     import importlib
     import inspect
 
     module, _, attr = func_path.rpartition(".")
-    params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
-    return "bucket_boundaries" in params
+    return param in inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+
+
+# contender -> (the loader function it needs, the parameter it uses)
+NEEDS = {
+    "dlpipe-tf-bucket": ("dlpipe.loaders.tf_data.to_tf_dataset", "bucket_boundaries"),
+    "dlpipe-tf-packed": ("dlpipe.loaders.tf_data.to_tf_dataset", "packing"),
+    "dlpipe-torch-w0-packed": ("dlpipe.loaders.torch_data.to_torch_dataloader", "packing"),
+}
 
 
 def side_makers(
@@ -324,6 +347,7 @@ def side_makers(
         "dlpipe-torch-w0": lambda: dlpipe_torch(shards, 0),
         "dlpipe-torch-w2": lambda: dlpipe_torch(shards, 2),
         "dlpipe-torch-w0-bucket": lambda: dlpipe_torch(shards, 0, bucket=True),
+        "dlpipe-torch-w0-packed": lambda: dlpipe_torch(shards, 0, packed=True),
         "tfrecord-torch-w0": lambda: tfrecord_torch(shards, 0),
         "tfrecord-torch-w2": lambda: tfrecord_torch(shards, 2),
         "wds-torch-w0": lambda: wds_torch(shards, 0),
@@ -332,6 +356,7 @@ def side_makers(
         "hf-torch-w2": lambda: hf_torch(hf, 2),
         "dlpipe-tf": lambda: dlpipe_tf(shards),
         "dlpipe-tf-bucket": lambda: dlpipe_tf(shards, bucket=True),
+        "dlpipe-tf-packed": lambda: dlpipe_tf(shards, packed=True),
         "tfdata-handwritten": lambda: tfdata_handwritten(shards),
         "tfdata-handwritten-tfcycle": lambda: tfdata_handwritten(shards, cycle_length=0),
         "tfdata-handwritten-blocks64": lambda: tfdata_handwritten(shards, block=64),
@@ -348,13 +373,12 @@ def side_makers(
 
         tf.get_logger().setLevel("ERROR")
         why = dlpipe_tf_status()
-        for name in ("dlpipe-tf", "dlpipe-tf-bucket"):
+        for name in ("dlpipe-tf", "dlpipe-tf-bucket", "dlpipe-tf-packed"):
             if name in makers and why is not None:
                 del makers[name]
                 skipped[name] = f"dlpipe.loaders.tf_data does not import: {why}"
-        if "dlpipe-tf-bucket" in makers and not accepts_buckets(
-            "dlpipe.loaders.tf_data.to_tf_dataset"
-        ):
-            del makers["dlpipe-tf-bucket"]
-            skipped["dlpipe-tf-bucket"] = "to_tf_dataset has no bucket_boundaries parameter"
+    for name, (func, param) in NEEDS.items():
+        if name in makers and not accepts(func, param):
+            del makers[name]
+            skipped[name] = f"{func.rpartition('.')[2]} has no {param} parameter"
     return makers, skipped

@@ -3,7 +3,8 @@ summaries, and the child process each side runs in (``loader_bench.py --side``).
 
 A run builds a fresh loader, takes ``warmup_batches`` untimed (worker start-up, shuffle
 buffers), then times ``timed_batches``; every batch's ``input_ids`` go through numpy to count
-real tokens (non-pad ids; 0 never occurs in the text).
+real tokens (non-pad ids; 0 never occurs in the text). Samples are records: a packed batch's
+real segments (``segment_mask``), else its rows.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def labels_of(batch: Any) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
+def samples_of(batch: Any, ids: np.ndarray) -> int:
+    """Records in a batch: a packed batch's real segments (``segment_mask``), else its rows."""
+    features = batch[0] if isinstance(batch, tuple) else batch
+    if isinstance(features, dict) and "segment_mask" in features:
+        mask = features["segment_mask"]
+        return int(np.count_nonzero(mask.numpy() if hasattr(mask, "numpy") else mask))
+    return int(ids.shape[0])
+
+
 def batches(make_epoch: Callable[[], Iterable], count: int) -> Iterator[Any]:
     """``count`` batches, iterating the loader again (a new epoch) when one runs out."""
     done = 0
@@ -66,7 +76,7 @@ def one_run(make: Maker, warmup_batches: int, timed_batches: int) -> dict[str, A
     it = batches(make(), warmup_batches + timed_batches)
     first = next(it)
     ids, labels = input_ids_of(first), labels_of(first)
-    if ids.ndim != 2 or labels.shape != (ids.shape[0], 2):
+    if ids.ndim != 2 or labels.shape[0] != ids.shape[0] or labels.shape[-1] != 2:  # packed: [B, S, 2]
         raise RuntimeError(f"unexpected batch: input_ids {ids.shape}, labels {labels.shape}")
     for _ in range(warmup_batches - 1):
         next(it)
@@ -74,8 +84,9 @@ def one_run(make: Maker, warmup_batches: int, timed_batches: int) -> dict[str, A
     samples = real = padded = lengths = 0
     own0, busy0, t1 = tree_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
     for _ in range(timed_batches):
-        ids = input_ids_of(next(it))
-        samples += ids.shape[0]
+        batch = next(it)
+        ids = input_ids_of(batch)
+        samples += samples_of(batch, ids)
         padded += ids.size
         lengths += ids.shape[1]
         real += int(np.count_nonzero(ids != PAD_ID))

@@ -59,10 +59,19 @@ def judge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         torch_best,
         best(by, "wds-torch-w0", "wds-torch-w2"),
     )
+    ratio("packing ÷ the same loader without it (PyTorch, 0 workers)",
+          best(by, "dlpipe-torch-w0-packed"), best(by, "dlpipe-torch-w0"), 0.8)  # fmt: skip
+    ratio("packing ÷ the same loader without it (TF)", best(by, "dlpipe-tf-packed"), tf, 0.8)
+    ratio("TF with bucket_boundaries=\"auto\" ÷ TF without", best(by, "dlpipe-tf-bucket"), tf, 0.9)
     for name in ("dlpipe-torch-w0-bucket", "dlpipe-tf-bucket"):
         eff = by[name]["padding_efficiency"] if name in by else None
         verdict = "n/a" if eff is None else ("PASS" if eff >= 0.9 else "FAIL")
         out.append({"what": "padding efficiency with bucket_boundaries=\"auto\"", "pair": name,
+                    "value": eff, "goal": "≥ 0.9", "verdict": verdict})  # fmt: skip
+    for name in ("dlpipe-torch-w0-packed", "dlpipe-tf-packed"):
+        eff = by[name]["padding_efficiency"] if name in by else None
+        verdict = "n/a" if eff is None else ("PASS" if eff >= 0.9 else "FAIL")
+        out.append({"what": "real-token efficiency with packing=True", "pair": name,
                     "value": eff, "goal": "≥ 0.9", "verdict": verdict})  # fmt: skip
     return out
 

@@ -240,12 +240,16 @@ def _int_list(ctx, param, value: str) -> list[int]:
               "when DATA is omitted.")
 @click.option("--profile", is_flag=True, help="Also write a torch.profiler and a TensorFlow profiler trace "
               "(open them with TensorBoard's profile plugin).")
+@click.option("--padding", default="all", show_default=True, help="Padding modes whose training rows the "
+              "1-process setting measures, each with the step calibrated at its batch shapes: all, or a list of "
+              "fixed (pad to the source width), longest (pad to the batch's longest), buckets "
+              "(bucket_boundaries=auto), packing (several records per row).")
 @click.option("-o", "--output", default="bench-out", show_default=True, metavar="DIR",
               help="Where results.json, report.md, the plots and traces go.")
 @_debug_option
 @_friendly_errors
 def bench(data, frameworks, cpu_procs, gpus, batch_size, steps, repeats, model, num_workers, records, profile,
-          output):
+          padding, output):
     """Profile TensorFlow and PyTorch input throughput, name the bottleneck, show parity.
 
     DATA is a dlpipe dataset, a padded source directory (input_ids.npy, labels.npy; resharded
@@ -259,7 +263,7 @@ def bench(data, frameworks, cpu_procs, gpus, batch_size, steps, repeats, model, 
 
     results = run_bench(data, output=output, frameworks=[f.strip() for f in frameworks.split(",") if f.strip()],
                         cpu_procs=cpu_procs, gpus=gpus, batch_size=batch_size, steps=steps, repeats=repeats,
-                        model=model, num_workers=num_workers, records=records, profile=profile,
+                        model=model, num_workers=num_workers, records=records, profile=profile, padding=padding,
                         say=lambda s: click.echo(f"dlpipe bench: {s}", err=True))
     for t in results["targets"]:
         state = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]

@@ -5,6 +5,8 @@
     machine      what the machine is, its ceilings, CPU sets per process
     results      the stable ``results.json`` (docs/bench-results-schema.md)
     report       markdown report and PNG plots from a results dict
+    modes        padding modes (fixed, longest, buckets, packing): loader arguments, token counts
+    mode_summary the per-mode training rows, the fastest mode and why, parity per mode
 
 Nothing here imports TensorFlow, PyTorch or matplotlib at import time; the loaders that feed
 these measurements live in ``dlpipe.loaders``.

@@ -20,6 +20,8 @@ from typing import Any
 from dlpipe.benchmark.ledger import StageMeasurement
 
 STAGES = ("read", "parse", "shuffle", "batch", "h2d", "step")
+# TF/PyTorch samples/s ratios within this range count as parity
+PARITY_RANGE = (0.8, 1.25)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class BenchConfig:
     num_workers: int = 0  # PyTorch DataLoader workers
     seed: int = 0
     profile_dir: str | None = None  # write a framework profiler trace here when set
+    padding: str = "longest"  # how batches are shaped: dlpipe.benchmark.modes.MODES
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +67,8 @@ class FrameworkResult:
     wait_s: list[float] = field(default_factory=list)  # per step: waiting for the batch
     compute_s: list[float] = field(default_factory=list)  # per step: the model (or sleep)
     notes: list[str] = field(default_factory=list)
+    padding: str | None = None  # the padding mode of the batches (dlpipe.benchmark.modes)
+    token_efficiency: float | None = None  # real tokens / computed tokens over the timed batches
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,14 +48,14 @@ def drive(
     measurer, so both frameworks' numbers mean the same.
 
     Per repeat a fresh stream (``make_stream(repeat)``); ``fetch(stream)`` takes the next batch
-    and moves it where the model wants it, returning (batch, mask on the host); ``step(batch)``
-    runs the model and returns when it has finished; ``count(mask)`` gives (samples, real
-    tokens, padded tokens). A step's *wait* is its fetch, its *compute* its step; a repeat's
+    and moves it where the model wants it, returning (batch, the batch on the host); ``step(batch)``
+    runs the model and returns when it has finished; ``count(host)`` gives (samples, real
+    tokens, computed tokens: ``modes.batch_counts``). A step's *wait* is its fetch, its *compute* its step; a repeat's
     *wall* runs from its first timed fetch to the end of its last step. ``depth(stream)`` (if
     given) samples the loader's ready batches before each fetch. Returns per repeat
-    ``samples``, ``tokens``, ``wall`` and the three rates; ``wait_s``, ``compute_s`` and
+    ``samples``, ``tokens``, ``computed`` (tokens), ``wall`` and the three rates; ``wait_s``, ``compute_s`` and
     ``queue`` (None without ``depth`` samples) of the last repeat."""
-    keys = ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "samples", "tokens", "wall")
+    keys = ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "samples", "tokens", "computed", "wall")
     out: dict[str, Any] = {k: [] for k in keys}
     for r in range(repeats):
         stream = make_stream(r)
@@ -66,7 +67,7 @@ def drive(
         for _ in range(steps):
             ready = depth(stream) if depth is not None else None
             t0 = time.perf_counter()
-            batch, mask = fetch(stream)
+            batch, host = fetch(stream)
             t1 = time.perf_counter()
             step(batch)
             t2 = time.perf_counter()
@@ -74,14 +75,22 @@ def drive(
             comp.append(t2 - t1)
             if ready is not None:
                 queue.append(float(ready))
-            n, real, total = count(mask)
+            n, real, total = count(host)
             samples, tokens, padded = samples + n, tokens + real, padded + total
         wall = time.perf_counter() - start
         del stream  # a loader's workers shut down before the next repeat starts new ones
-        for key, value in (("samples", samples), ("tokens", tokens), ("wall", wall)):
+        for key, value in (("samples", samples), ("tokens", tokens), ("computed", padded), ("wall", wall)):
             out[key].append(value)
         out["samples_per_s"].append(samples / wall)
         out["tokens_per_s"].append(tokens / wall)
         out["padded_tokens_per_s"].append(padded / wall)
         out.update(wait_s=wait, compute_s=comp, queue=queue or None)
     return out
+
+
+def step_seconds(latencies: Sequence[float], num_batches: int) -> float:
+    """The mean step time over batches that take turns (``latencies[i]`` is batch ``i %
+    num_batches``): each batch's median, then their mean, so batches of several widths
+    (buckets) count alike and a slow outlier does not."""
+    n = max(1, min(num_batches, len(latencies)))
+    return float(sum(statistics.median(latencies[i::n]) for i in range(n)) / n)

@@ -137,6 +137,11 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"| {'yes' if p['within'] else 'NO'} |"
             )
 
+    if results.get("padding_modes"):
+        from dlpipe.benchmark.mode_summary import render_modes
+
+        out += render_modes(results["padding_modes"])
+
     shuffle = results.get("shuffle")
     if shuffle:
         out += ["", "## Shuffle quality", "",

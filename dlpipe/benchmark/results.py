@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dlpipe.benchmark.config import PARITY_RANGE
 from dlpipe.benchmark.ledger import Ledger
 from dlpipe.benchmark.utilization import AUSummary
 from dlpipe.errors import ConfigError
@@ -36,7 +37,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
-PARITY_RANGE = (0.8, 1.25)
 FRAMEWORKS = ("tf", "torch")
 OPTIMIZED_LOADER = "dlpipe"
 
@@ -65,8 +65,12 @@ def make_run(
     ledger: Ledger | Mapping[str, Any] | None = None,
     au: AUSummary | Mapping[str, Any] | None = None,
     notes: Sequence[str] | str = (),
+    padding: str | None = None,
+    token_efficiency: float | None = None,
 ) -> dict[str, Any]:
-    """One (framework, setting, loader) measurement; rates are one value per repeat."""
+    """One (framework, setting, loader) measurement; rates are one value per repeat.
+    ``padding``: the padding mode of its batches (``dlpipe.benchmark.modes``);
+    ``token_efficiency``: real tokens / computed tokens, counted on its batches."""
     if framework not in FRAMEWORKS:
         raise ConfigError(f"framework={framework!r} must be one of {FRAMEWORKS}")
     if not setting:
@@ -82,6 +86,8 @@ def make_run(
         "ledger": ledger.to_json() if isinstance(ledger, Ledger) else ledger,
         "au": au.to_json() if isinstance(au, AUSummary) else au,
         "notes": [notes] if isinstance(notes, str) else list(notes),
+        "padding": padding,
+        "token_efficiency": None if token_efficiency is None else float(token_efficiency),
     }
 
 
@@ -190,13 +196,17 @@ def make_results(
     targets: Sequence[Mapping[str, Any]] = (),
     created: str | None = None,
     shuffle: Mapping[str, Any] | None = None,
+    padding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole ``results.json`` dict, parity and speedups derived from ``runs``; validated.
 
     numpy numbers and arrays, paths and tuples anywhere in the inputs become plain JSON types,
-    so ``config`` can hold the parsed arguments as they are.
+    so ``config`` can hold the parsed arguments as they are. ``padding`` (the modes measured,
+    their plans, the packing rule, modes skipped) becomes ``padding_modes`` with its per-mode
+    rows, fastest-mode lines and parity derived from the runs (``mode_summary``).
     """
     from dlpipe._version import __version__
+    from dlpipe.benchmark.mode_summary import summarize_modes
 
     runs = _plain(runs)
     results = {
@@ -213,6 +223,8 @@ def make_results(
     }
     if shuffle is not None:
         results["shuffle"] = _plain(shuffle)
+    if padding is not None:
+        results["padding_modes"] = summarize_modes(runs, _plain(padding))
     validate(results)
     return results
 
@@ -325,9 +337,16 @@ def validate(results: Any) -> None:
             _check_ledger(run["ledger"], f"{path}.ledger")
         if _check(run, "au", (dict, type(None)), path) is not None:
             _check_fields(run["au"], _AU, f"{path}.au")
+        for key, types in (("padding", _OPT_STR), ("token_efficiency", _OPT_NUM)):  # optional
+            if key in run:
+                _check(run, key, types, path)
     _check_list(results, "parity", "", _PARITY)
     _check_list(results, "speedups", "", _SPEEDUP)
     _check_list(results, "targets", "", _TARGET)
+    if "padding_modes" in results:
+        from dlpipe.benchmark.mode_summary import validate_modes
+
+        validate_modes(_check(results, "padding_modes", dict, ""), _check_list, _check_fields)
 
 
 def save(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:

@@ -24,6 +24,7 @@ from dlpipe._deps import check_available
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.ledger import Ledger
 from dlpipe.benchmark.machine import cpu_sets, describe, measure_ceilings
+from dlpipe.benchmark.modes import DEFAULT_MODE, PACKING_RULE, parse_modes, plan
 from dlpipe.benchmark.report import render_report, write_plots
 from dlpipe.benchmark.results import make_results, make_run, make_target, save
 from dlpipe.benchmark.utilization import parse_model_spec, summarize_steps
@@ -33,6 +34,7 @@ from dlpipe.manifest import MANIFEST
 FRAMEWORKS = ("tf", "torch")
 _MODULES = {"tf": "tensorflow", "torch": "torch"}
 JOB_TIMEOUT_S = 1800
+EXTRA_MODE_REPEATS = 2  # repeats of the training rows of padding modes other than the default
 
 
 def prepare_data(data: str | None, output: Path, *, records: int, say: Callable[[str], None]) -> tuple[str, str | None]:
@@ -111,7 +113,7 @@ def _run_entry(framework: str, setting: str, parts: list[FrameworkResult], *, mo
         notes.append(f"{len(parts)} processes ran at once, each on its own CPU set and share of the shards; "
                      "samples/s add up, the ledger is rank 0's")
     return make_run(framework, setting, first.loader, samples, tokens_per_s=tokens, ledger=ledger, au=au,
-                    notes=notes)
+                    notes=notes, padding=first.padding, token_efficiency=first.token_efficiency)
 
 
 def run_bench(
@@ -128,9 +130,16 @@ def run_bench(
     num_workers: int = 0,
     records: int = 200_000,
     profile: bool = False,
+    padding: str | Sequence[str] | None = None,
     say: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Run the benchmark and write ``results.json``, ``report.md`` and plots to ``output``."""
+    """Run the benchmark and write ``results.json``, ``report.md`` and plots to ``output``.
+
+    ``padding``: the padding modes (``dlpipe.benchmark.modes``; None or "all": all four) whose
+    training rows the 1-process setting of each framework measures, each with a stand-in step
+    calibrated at that mode's batch shapes; modes other than the default take fewer repeats and
+    steps (``_mode_run``), so the run costs about 1.3x one without them."""
+    modes = parse_modes(padding)
     for fw in frameworks:
         if fw not in FRAMEWORKS:
             raise ConfigError(f"framework {fw!r}; use tf and/or torch")
@@ -146,6 +155,13 @@ def run_bench(
     ceilings = measure_ceilings(data_dir)
     gpu_ids = _gpu_ids(gpus, machine)
     device = "cuda" if gpu_ids else "cpu"
+    plans, skipped = {}, {}
+    for mode in modes:
+        try:
+            plans[mode] = plan(mode, data_dir, batch_size).to_json()
+        except ConfigError as e:
+            skipped[mode] = str(e)
+    modes = [m for m in modes if m in plans]
 
     runs, targets = [], []
     for fw in frameworks:
@@ -158,14 +174,20 @@ def run_bench(
         for procs in cpu_procs:
             sets = cpu_sets(procs)
             lead_phases = ["dlpipe"]  # what rank 0 measures; the other ranks only "dlpipe"
+            lead_job: dict[str, Any] = {}
             if procs == min(cpu_procs) and spec.kind != "none":
-                lead_phases = (["calibrate"] if spec.kind == "deepcal" else []) + ["dlpipe", "dlpipe-sleep"]
+                lead_phases = (["calibrate"] if spec.kind == "deepcal" else []) + ["dlpipe"]
+                lead_phases += ["calibrate-modes", "train-modes"] if modes else []
                 lead_phases += ["baselines"] if source else []
+                lead_job = {"modes": modes, "sleep_s": base.step_s if spec.kind == "sleep" else None,
+                            "mode_runs": {m: _mode_run(base) for m in modes if m != DEFAULT_MODE}}
             jobs = [{"framework": fw, "cpus": sets[r], "cuda_visible": ",".join(map(str, gpu_ids[:1])) if gpu_ids else None,
                      "config": replace(base, world_size=procs, rank=r,
                                        profile_dir=base.profile_dir if procs == min(cpu_procs) and r == 0 else None).to_json(),
-                     "phases": lead_phases if r == 0 else ["dlpipe"]} for r in range(procs)]
-            say(f"{fw}: {procs} CPU process(es): {', '.join(lead_phases)}")
+                     "phases": lead_phases if r == 0 else ["dlpipe"]} | (lead_job if r == 0 else {})
+                    for r in range(procs)]  # fmt: skip
+            say(f"{fw}: {procs} CPU process(es): {', '.join(lead_phases)}" + (f" (padding: {', '.join(modes)})"
+                if "train-modes" in lead_phases else ""))  # fmt: skip
             results = _run_jobs(jobs)
             parts = [FrameworkResult.from_json(r["dlpipe"]) for r in results]
             setting = f"cpu-procs={procs}"
@@ -173,19 +195,26 @@ def run_bench(
             runs.append(entry)
             rates[procs] = entry["samples_per_s"]["median"]
             lead = results[0]
-            if "dlpipe_sleep" in lead:
-                step_s = lead.get("step_s") or base.step_s
+            if "train-modes" in lead_phases:
                 feed = entry["samples_per_s"]["median"] / batch_size
+                for mode in modes:
+                    if mode not in lead.get("train", {}):
+                        skipped[f"{fw} {mode}"] = lead.get("mode_errors", {}).get(mode, "not measured")
+                        continue
+                    step_s = lead["mode_step_s"][mode]
+                    label = f"train cpu-procs={procs}" + ("" if mode == DEFAULT_MODE else f" padding={mode}")
+                    sleep_model = f"sleep:{step_s * 1000:.1f}"
+                    run = _run_entry(fw, label, [FrameworkResult.from_json(lead["train"][mode])], model=sleep_model,
+                                     feed_steps_per_s=feed if mode == DEFAULT_MODE else None)  # fmt: skip
+                    runs.append(run)
+                    if mode == DEFAULT_MODE and run["au"]:
+                        targets.append(make_target(f"{fw}: AU with dlpipe at the DeepCAL step ({sleep_model} ms)",
+                                                   run["au"]["au"], at_least=0.9))  # fmt: skip
+            if "baselines" in lead_phases:
+                step_s = lead.get("step_s") or base.step_s
                 label = f"train cpu-procs={procs}"
-                sleep_model = f"sleep:{step_s * 1000:.1f}"
-                runs.append(_run_entry(fw, label, [FrameworkResult.from_json(lead["dlpipe_sleep"])], model=sleep_model,
-                                       feed_steps_per_s=feed))
                 for b in lead.get("baselines", []):
-                    runs.append(_run_entry(fw, label, [FrameworkResult.from_json(b)], model=sleep_model))
-                au = runs[-1 - len(lead.get("baselines", []))]["au"]
-                if au:
-                    targets.append(make_target(f"{fw}: AU with dlpipe at the DeepCAL step ({sleep_model} ms)",
-                                               au["au"], at_least=0.9))
+                    runs.append(_run_entry(fw, label, [FrameworkResult.from_json(b)], model=f"sleep:{step_s * 1000:.1f}"))
         if 1 in rates and 2 in rates:
             targets.append(make_target(f"{fw}: dlpipe samples/s, 2 CPU processes / 1", rates[2] / rates[1],
                                        at_least=1.6))
@@ -198,9 +227,10 @@ def run_bench(
 
     config = {"data": data_dir, "source": source, "frameworks": list(frameworks), "cpu_procs": list(cpu_procs),
               "gpus": gpu_ids, "batch_size": batch_size, "steps": steps, "repeats": repeats, "model": model,
-              "num_workers": num_workers, "profile": profile}
+              "num_workers": num_workers, "profile": profile, "padding": modes}
+    padding_info = {"modes": modes, "plans": plans, "packing_rule": PACKING_RULE, "skipped": skipped}
     results = make_results(machine=machine, ceilings=ceilings, config=config, runs=runs, targets=targets,
-                           shuffle=_shuffle_quality(data_dir, batch_size))
+                           shuffle=_shuffle_quality(data_dir, batch_size), padding=padding_info)
     best = next((p for p in results["parity"] if p.get("setting") == "best"), None)
     if best is not None:
         results["targets"].append(make_target("TF/PyTorch parity at the best setting of each", best["ratio"],
@@ -209,6 +239,14 @@ def run_bench(
     (out / "report.md").write_text(render_report(results))
     write_plots(results, out)
     return results
+
+
+def _mode_run(base: BenchConfig) -> dict[str, int]:
+    """The size of a training row of a padding mode other than the default: at most
+    ``EXTRA_MODE_REPEATS`` repeats of half the steps and warm-up (at least 10 and 2), so four
+    modes cost about 1.3x the one row of a run without them (``fixed``'s wide step dominates)."""
+    return {"repeats": min(base.repeats, EXTRA_MODE_REPEATS), "steps": max(10, base.steps // 2),
+            "warmup": max(2, base.warmup // 2)}  # fmt: skip
 
 
 def _shuffle_quality(data_dir: str, batch_size: int) -> dict[str, Any]:

@@ -6,8 +6,10 @@ thread pools size themselves to it), runs the job's phases with the framework's 
 writes the results as one JSON document on stdout.
 
 Job: ``{"framework": "tf" | "torch", "cpus": [..] | null, "config": BenchConfig JSON,
-"phases": ["calibrate", "dlpipe", "dlpipe-sleep", "baselines", "devices"]}``: the measurements
-to make, in order ("step" means a training step throughout, as in ``step_s`` and
+"phases": ["calibrate", "dlpipe", "dlpipe-sleep", "calibrate-modes", "train-modes", "baselines",
+"devices"]}``: the measurements to make, in order; the two ``-modes`` phases read ``"modes"``
+(padding modes), ``"sleep_s"`` (a ``sleep:MS`` model's seconds, else null) and
+``"mode_runs"`` (per mode: repeats, steps, warmup) from the job and write ``mode_step_s``, ``train`` and ``mode_errors`` ("step" means a training step throughout, as in ``step_s`` and
 ``BenchConfig.steps``). A DlpipeError becomes ``{"error": "..."}`` so the runner can report it
 in one line.
 """
@@ -18,6 +20,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import replace
 
@@ -44,6 +47,7 @@ def run_job(job: dict) -> dict:
     cfg = BenchConfig.from_json(job["config"])
     out: dict = {"framework": framework, "rank": cfg.rank, "cpus": cpus}
     for phase in job["phases"]:
+        start = time.perf_counter()
         if phase == "calibrate":
             out["step_s"] = float(measurer.calibrate_step(cfg))
         elif phase == "dlpipe":
@@ -52,6 +56,10 @@ def run_job(job: dict) -> dict:
             step_s = out.get("step_s") or cfg.step_s
             sleep = replace(cfg, model=f"sleep:{step_s * 1000:.3f}", step_s=step_s)
             out["dlpipe_sleep"] = measurer.measure_dlpipe(sleep).to_json()
+        elif phase == "calibrate-modes":
+            _calibrate_modes(measurer, cfg, job, out)
+        elif phase == "train-modes":
+            _train_modes(measurer, cfg, job, out)
         elif phase == "baselines":
             step_s = out.get("step_s") or cfg.step_s
             sleep = replace(cfg, model=f"sleep:{step_s * 1000:.3f}", step_s=step_s) if step_s else cfg
@@ -60,7 +68,47 @@ def run_job(job: dict) -> dict:
             out["devices"] = measurer.measure_devices(cfg).to_json()
         else:
             raise ValueError(f"unknown phase {phase!r}")
+        out.setdefault("phase_s", {})[phase] = time.perf_counter() - start
     return out
+
+
+def _calibrate_modes(measurer, cfg: BenchConfig, job: dict, out: dict) -> None:
+    """The stand-in step of each padding mode in ``job["modes"]``: DeepCAL's real step calibrated
+    at that mode's batch shapes; with ``job["sleep_s"]`` (a ``sleep:MS`` model) that sleep scaled
+    by the mode's calibrated step ÷ the step at ``cfg.padding`` (so MS is the step at that mode).
+    A mode that cannot be measured (no packing in this dlpipe) goes to ``mode_errors``."""
+    cal, errors = {}, out.setdefault("mode_errors", {})
+    if "step_s" in out:  # the "calibrate" phase measured cfg.padding already
+        cal[cfg.padding] = out["step_s"]
+    for mode in [cfg.padding, *job["modes"]]:
+        if mode in cal or mode in errors:
+            continue
+        try:
+            cal[mode] = float(measurer.calibrate_step(replace(cfg, padding=mode)))
+        except DlpipeError as e:
+            errors[mode] = str(e)
+    sleep_s = job.get("sleep_s")
+    if sleep_s and cfg.padding not in cal:
+        for mode in job["modes"]:
+            errors.setdefault(mode, f"no calibrated step at padding={cfg.padding} to scale sleep:{sleep_s * 1e3:g} by")
+        cal = {}
+    base = cal.get(cfg.padding)
+    out["mode_calibrated_s"] = cal
+    out["mode_step_s"] = {m: (sleep_s * cal[m] / base if sleep_s else cal[m]) for m in job["modes"] if m in cal}
+
+
+def _train_modes(measurer, cfg: BenchConfig, job: dict, out: dict) -> None:
+    """Each padding mode's training row: the pipeline into its calibrated stand-in step, with
+    ``job["mode_runs"][mode]`` (``repeats``, ``steps``, ``warmup``; default ``cfg``'s)."""
+    errors, results = out.setdefault("mode_errors", {}), out.setdefault("train", {})
+    for mode, step_s in out.get("mode_step_s", {}).items():
+        sizes = job.get("mode_runs", {}).get(mode, {})
+        run = replace(cfg, padding=mode, model=f"sleep:{step_s * 1000:.3f}", step_s=step_s, **sizes,
+                      profile_dir=cfg.profile_dir if mode == cfg.padding else None)  # fmt: skip
+        try:
+            results[mode] = measurer.measure_dlpipe(run).to_json()
+        except DlpipeError as e:
+            errors[mode] = str(e)
 
 
 def main() -> int:

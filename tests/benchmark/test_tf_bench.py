@@ -12,7 +12,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import padded_tokens  # noqa: E402
+from token_rows import padded_tokens  # noqa: E402
 
 import dlpipe
 from dlpipe.benchmark import tf_measure as tf_bench

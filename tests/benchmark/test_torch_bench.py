@@ -20,7 +20,7 @@ from dlpipe.errors import ConfigError, MissingDependencyError
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from conftest import padded_tokens  # noqa: E402
+from token_rows import padded_tokens  # noqa: E402
 
 from dlpipe.benchmark import torch_measure as torch_bench  # noqa: E402
 

@@ -21,6 +21,11 @@ process pinned to its CPU share; each returns ``FrameworkResult``s. How each num
   model time, forced to finish with ``.numpy()``. ``wait_s``/``compute_s`` are the last repeat's.
   tf.data exposes no prefetch-buffer occupancy (``StatsOptions`` is gone from TF 2.x), so
   ``pipeline_queue_samples`` is None.
+- **Padding** (``cfg.padding``, ``dlpipe.benchmark.modes``): ``to_tf_dataset`` with that mode's
+  arguments; ``batch`` times its rule (``fixed``: padded to the width; ``buckets``: windows sorted
+  by bucket, padded to the boundary; ``packing``: ``window_stages.packed_stages``, the numpy
+  packer the loader feeds through ``from_generator``, whose read/parse are dlpipe's reader);
+  ``h2d``, ``step`` and the pipeline run at the mode's real batch shapes.
 - ``model``: ``none`` (the feed rate), ``sleep:MS`` (the calibrated step, MLPerf-Storage style) or
   ``deepcal`` (``dlpipe.models.deepcal_tf``'s real train step).
 """

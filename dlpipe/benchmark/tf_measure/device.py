@@ -69,7 +69,7 @@ def _to_device(features: dict, device: str) -> dict:
     tf = _tf()
     with tf.device(device):
         out = {k: tf.identity(v) for k, v in features.items()}
-    _sync(out[MASK])
+    _sync(out[MASK] if MASK in out else out[FEATURE])
     return out
 
 
@@ -109,7 +109,8 @@ class _Model:
 
 def _split(element, pad_id: int = 0) -> tuple[dict, Any]:
     """(features with input_ids and attention_mask, labels) from what a loader yields: HF-style
-    ``(features, labels)`` where either may be a lone tensor, or one dict holding the labels."""
+    ``(features, labels)`` where either may be a lone tensor, or one dict holding the labels.
+    Packed batches (``segment_ids``) keep their keys and get no mask."""
     tf = _tf()
     if isinstance(element, tuple) and len(element) == 2:
         features, labels = element
@@ -120,6 +121,6 @@ def _split(element, pad_id: int = 0) -> tuple[dict, Any]:
         features = {FEATURE: features}
     if isinstance(labels, dict) and len(labels) == 1:
         labels = next(iter(labels.values()))
-    if MASK not in features:  # the padded sources carry no mask; it is the non-pad positions
+    if MASK not in features and "segment_ids" not in features:  # padded sources carry no mask
         features = {**features, MASK: tf.cast(tf.not_equal(features[FEATURE], pad_id), tf.int64)}
     return features, labels

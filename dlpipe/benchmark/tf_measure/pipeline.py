@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-import statistics
+from dataclasses import replace
 
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.drive import step_seconds
+from dlpipe.benchmark.modes import efficiency, plan
 from dlpipe.benchmark.tf_measure.device import (
     PROFILE_STEPS,
     STEP_BATCHES,
@@ -22,11 +24,11 @@ from dlpipe.benchmark.tf_measure.stages import _dlpipe_dataset, _dlpipe_stages
 from dlpipe.benchmark.tf_measure.timing import _drive, _Stream, _time_step
 
 
-def _result(loader: str, run: dict, stages, notes: list[str]) -> FrameworkResult:
+def _result(loader: str, run: dict, stages, notes: list[str], padding: str | None = None) -> FrameworkResult:
     return FrameworkResult(
         framework="tf", loader=loader, samples_per_s=run["samples_per_s"], tokens_per_s=run["tokens_per_s"],
         stages=stages, pipeline_queue_samples=None, wait_s=run.get("wait_s", []),
-        compute_s=run.get("compute_s", []), notes=notes,
+        compute_s=run.get("compute_s", []), notes=notes, padding=padding, token_efficiency=efficiency(run),
     )  # fmt: skip
 
 
@@ -36,13 +38,15 @@ def _padding_note(run: dict) -> str:
 
 
 def calibrate_step(cfg: BenchConfig) -> float:
-    """Median seconds of DeepCAL's real train step at ``batch_size`` on ``device``, on a batch of
-    the dataset (its real lengths), after warm-up."""
+    """Seconds of DeepCAL's real train step on ``device``, on the dataset's first batches as
+    ``cfg.padding`` shapes them (their real lengths), after warm-up: each batch's median, their
+    mean (``drive.step_seconds``)."""
     _check(cfg)
     device = _device(cfg.device)
     batches = [_split(b) for b in _dlpipe_dataset(cfg, world_size=1, rank=0).take(STEP_BATCHES)]
-    stage = _time_step("step", _Model("deepcal", device), _on_device(batches, device), cfg)
-    return float(statistics.median(stage.batch_latencies_s))
+    steps = max(cfg.steps, 3 * len(batches))  # every batch at least 3 times (budget permitting)
+    stage = _time_step("step", _Model("deepcal", device), _on_device(batches, device), replace(cfg, steps=steps))
+    return step_seconds(stage.batch_latencies_s, len(batches))
 
 
 def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
@@ -58,8 +62,9 @@ def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
     notes = [f"model {model.spec}" + (f" (stands in for a {cfg.step_s * 1e3:.1f} ms step)" if cfg.step_s else ""),
              f"device {device}, {len(os.sched_getaffinity(0))} CPUs in this process's set, "
              f"inter-op threads {threads}"]  # fmt: skip
+    notes.append(f"padding: {plan(cfg.padding, cfg.data, cfg.batch_size).text} ({cfg.padding})")
+    dataset = _dlpipe_dataset(cfg, notes=notes)  # first: a loader without the mode fails early
     stages = _dlpipe_stages(cfg, info, model, device, notes)
-    dataset = _dlpipe_dataset(cfg, notes=notes)
     run = _drive(lambda: _Stream(dataset), model, cfg, device)
     notes.append(_padding_note(run))
     notes.append("queue depth: not sampled (tf.data exposes no prefetch-buffer occupancy in TF 2.x; "
@@ -69,7 +74,7 @@ def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
         notes.append(
             f"profile: tf.profiler trace in {cfg.profile_dir} (tensorboard --logdir, Profile tab)"
         )
-    return _result("dlpipe", run, stages, notes)
+    return _result("dlpipe", run, stages, notes, padding=cfg.padding)
 
 
 def _profile(cfg: BenchConfig, dataset, model: _Model, device: str) -> None:

@@ -7,15 +7,16 @@ import functools
 import os
 from typing import Any
 
-import numpy as np
-
 from dlpipe.benchmark.config import BenchConfig
 from dlpipe.benchmark.drive import time_units
 from dlpipe.benchmark.ledger import StageMeasurement
+from dlpipe.benchmark.modes import packing_unsupported, plan, shape_note
 from dlpipe.benchmark.tf_measure.device import FEATURE, LABEL, STEP_BATCHES, _Model, _on_device, _tf
 from dlpipe.benchmark.tf_measure.timing import _time_dataset, _time_h2d, _time_step
+from dlpipe.benchmark.window_stages import packed_stages
 from dlpipe.defaults import MASK_COLUMN as MASK
 from dlpipe.defaults import SHUFFLE_BUFFER
+from dlpipe.errors import ConfigError
 
 
 def _rank_files(info, cfg: BenchConfig) -> list[str]:
@@ -33,6 +34,11 @@ def _dlpipe_stages(
     from dlpipe.loaders.tf_decode import BatchDecoder
 
     tf = _tf()
+    if cfg.padding == "packing":  # both loaders' packer (dlpipe.loaders.packed), numpy
+        stages, host = packed_stages(cfg, notes)
+        notes.append("packing: to_tf_dataset hands the packed batches to tf.data through from_generator")
+        prepared = [({k: tf.constant(v) for k, v in b.items() if k != LABEL}, tf.constant(b[LABEL])) for b in host]
+        return _finish(cfg, stages, prepared, model, device, notes)
     auto = tf.data.AUTOTUNE
     n, reps, bs = cfg.steps * cfg.batch_size, cfg.repeats, cfg.batch_size
     shuffled = _planned(cfg)  # the loader's read through the epoch plan, when it takes that path
@@ -72,26 +78,69 @@ def _dlpipe_stages(
     else:
         stages.append(_plan_shuffle_stage(cfg, n, reps))
 
-    pad = info.pad_values.get(FEATURE, 0)
-
-    def padded(rows: dict):
-        ids = rows[FEATURE].to_tensor(tf.cast(pad, rows[FEATURE].dtype))  # the longest row's width
-        mask = tf.sequence_mask(rows[FEATURE].row_lengths(), tf.shape(ids, out_type=tf.int64)[1])
-        return {FEATURE: ids, MASK: tf.cast(mask, tf.int64)}, rows[LABEL]
-
-    batched = serialized.map(decoder.ragged).cache().map(padded, num_parallel_calls=auto)
-    stages.append(_time_dataset("batch", batched, reps))
+    stage, prepared, how = _batch_stage(cfg, info, serialized.map(decoder.ragged).cache(),
+                                        lambda size: records.batch(size).map(decoder.ragged).cache())
+    stages.append(stage)
     notes.append(f"parse: the loader's BatchDecoder.ragged (parse_example + decode, no padding) on cached "
-                 f"batches of {bs} serialized records; batch: those rows padded to the batch's longest "
-                 "with the mask (the loader fuses this into its parse); both num_parallel_calls=AUTOTUNE")  # fmt: skip
+                 f"batches of {bs} serialized records; batch: {how}; num_parallel_calls=AUTOTUNE")  # fmt: skip
+    return _finish(cfg, stages, prepared, model, device, notes)
 
-    prepared = list(batched)
-    widths = [int(f[MASK].shape[1]) for f, _ in prepared]
-    notes.append(f"batch: padded to {np.mean(widths):.1f} tokens on average (longest in batch)")
-    stages.append(_time_h2d(prepared, device, reps, notes))
+
+def _finish(cfg: BenchConfig, stages: list, prepared: list, model: _Model, device: str, notes: list[str]) -> list:
+    """The shape note, then ``h2d`` and ``step`` on the prepared (features, labels) batches."""
+    pplan = plan(cfg.padding, cfg.data, cfg.batch_size)
+    notes.append("batch: " + shape_note(pplan, [f | {LABEL: y} for f, y in prepared]))
+    stages.append(_time_h2d(prepared, device, cfg.repeats, notes))
     if model.fn is not None:
         stages.append(_time_step("step", model, _on_device(prepared[:STEP_BATCHES], device), cfg))
     return stages
+
+
+def _batch_stage(cfg: BenchConfig, info, parsed, windows) -> tuple[StageMeasurement, list, str]:
+    """The "batch" stage of ``cfg.padding`` over ``parsed`` (cached batches of ragged records;
+    ``windows(n)``: cached windows of n ragged records), timed; its batches as (features,
+    labels), and what it does."""
+    tf = _tf()
+    auto, bs = tf.data.AUTOTUNE, cfg.batch_size
+    pad = info.pad_values.get(FEATURE, 0)
+    pplan = plan(cfg.padding, cfg.data, bs)
+
+    def padded(rows: dict, width=None):  # width None: the batch's longest record
+        lengths, value = rows[FEATURE].row_lengths(), tf.cast(pad, rows[FEATURE].dtype)
+        if width is None:
+            ids = rows[FEATURE].to_tensor(value)
+        else:
+            ids = rows[FEATURE].to_tensor(value, shape=tf.stack([tf.size(lengths, out_type=tf.int64), width]))
+        mask = tf.sequence_mask(lengths, tf.shape(ids, out_type=tf.int64)[1])
+        return {FEATURE: ids, MASK: tf.cast(mask, tf.int64)}, rows[LABEL]
+
+    if cfg.padding == "buckets":
+        from dlpipe.loaders import common
+
+        bounds = tf.constant(common.default_boundaries(info, FEATURE), tf.int64)
+        window = max(SHUFFLE_BUFFER // bs, getattr(common, "BUCKET_WINDOW_BATCHES", 64)) * bs
+
+        def group(rows: dict) -> dict:  # a window sorted by bucket, cut into whole batches
+            order = tf.argsort(tf.searchsorted(bounds, rows[FEATURE].row_lengths()), stable=True)
+            order = order[: tf.size(order) // bs * bs]
+            ids = tf.RaggedTensor.from_uniform_row_length(tf.gather(rows[FEATURE], order), bs)
+            return {FEATURE: ids, LABEL: tf.reshape(tf.gather(rows[LABEL], order), [-1, bs, 2])}
+
+        def to_boundary(rows: dict):
+            longest = tf.reduce_max(rows[FEATURE].row_lengths())
+            i = tf.minimum(tf.searchsorted(bounds, longest[None], out_type=tf.int64)[0],
+                           tf.size(bounds, out_type=tf.int64) - 1)  # fmt: skip
+            return padded(rows, tf.maximum(bounds[i], longest))
+
+        batched = windows(window).map(group).unbatch().map(to_boundary, num_parallel_calls=auto)
+        how = (f"windows of {window} records sorted by length bucket (searchsorted, one stable argsort and "
+               "gather per window, as to_tf_dataset groups them), cut into batches, each padded to its "
+               'bucket\'s boundary (bucket_boundaries="auto"); a window\'s partial batch left out')
+    else:
+        width = tf.constant(pplan.max_length, tf.int64) if cfg.padding == "fixed" else None
+        batched = parsed.map(functools.partial(padded, width=width), num_parallel_calls=auto)
+        how = f"those rows padded ({pplan.text}) with the mask (the loader fuses this into its parse)"
+    return _time_dataset("batch", batched, cfg.repeats), list(batched), how
 
 
 def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement:
@@ -138,15 +187,18 @@ def _planned(cfg: BenchConfig):
 
 def _dlpipe_dataset(cfg: BenchConfig, *, batch_size: int | None = None, world_size: int | None = None,
                     rank: int | None = None, notes: list[str] | None = None):  # fmt: skip
-    """``to_tf_dataset`` over this rank's share (its ``world_size``/``rank``: record ranges)."""
+    """``to_tf_dataset`` over this rank's share (its ``world_size``/``rank``: record ranges), its
+    batches shaped by ``cfg.padding`` (``batch_size`` overrides the plan's, padded modes only)."""
     import dlpipe
     from dlpipe.loaders.tf_data import to_tf_dataset
 
     world_size = cfg.world_size if world_size is None else world_size
     rank = cfg.rank if rank is None else rank
     ds = dlpipe.load_dataset(cfg.data, cfg.split)
-    kw: dict[str, Any] = {"batch_size": batch_size or cfg.batch_size, "columns": [FEATURE, MASK],
-                          "label_cols": [LABEL], "shuffle": True, "prefetch": True, "seed": cfg.seed}  # fmt: skip
+    kw: dict[str, Any] = plan(cfg.padding, cfg.data, cfg.batch_size).loader_kwargs
+    if cfg.padding != "packing":  # packed batches: every column in one dict (segment keys too)
+        kw |= {"batch_size": batch_size or cfg.batch_size, "columns": [FEATURE, MASK], "label_cols": [LABEL]}
+    kw |= {"shuffle": True, "prefetch": True, "seed": cfg.seed}
     how = "single process"
     if world_size > 1:
         kw.update(world_size=world_size, rank=rank)
@@ -155,4 +207,9 @@ def _dlpipe_dataset(cfg: BenchConfig, *, batch_size: int | None = None, world_si
         notes.append(
             f"pipeline: to_tf_dataset({', '.join(f'{k}={v!r}' for k, v in kw.items())}); {how}"
         )
-    return to_tf_dataset(ds, **kw)
+    try:
+        return to_tf_dataset(ds, **kw)
+    except TypeError as e:
+        if packing_unsupported(e):
+            raise ConfigError(f"padding='packing', but this dlpipe's to_tf_dataset has no packing argument ({e})") from None
+        raise

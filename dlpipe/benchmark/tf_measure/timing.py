@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from dlpipe.benchmark.config import BenchConfig
 from dlpipe.benchmark.drive import drive
 from dlpipe.benchmark.ledger import StageMeasurement
+from dlpipe.benchmark.modes import batch_counts, samples_in
 from dlpipe.benchmark.tf_measure.device import (
     STEP_BUDGET_S,
     _is_gpu,
@@ -19,7 +18,6 @@ from dlpipe.benchmark.tf_measure.device import (
     _tf,
     _to_device,
 )
-from dlpipe.defaults import MASK_COLUMN as MASK
 from dlpipe.errors import ConfigError
 
 
@@ -54,14 +52,9 @@ def _drive(
 
     def fetch(stream: _Stream):
         features, labels = _split(next(stream))
-        mask = features[MASK]
-        return ((_to_device(features, device) if move else features), labels), mask
+        return ((_to_device(features, device) if move else features), labels), features
 
-    def count(mask) -> tuple[int, int, int]:
-        m = mask.numpy()
-        return m.shape[0], int(np.count_nonzero(m)), m.size
-
-    return drive(lambda r: make_stream(), fetch, lambda batch: model(*batch), count,
+    return drive(lambda r: make_stream(), fetch, lambda batch: model(*batch), batch_counts,
                  repeats=cfg.repeats, warmup=cfg.warmup, steps=cfg.steps)
 
 
@@ -108,7 +101,7 @@ def _time_step(name: str, model: _Model, batches: list, cfg: BenchConfig) -> Sta
         t = time.perf_counter()
         model(features, labels)
         lat.append(time.perf_counter() - t)
-        records += int(features[MASK].shape[0])
+        records += samples_in(features)
     return StageMeasurement(name, records, max(sum(lat), 1e-9), lat)
 
 
@@ -135,5 +128,5 @@ def _time_h2d(batches: list, device: str, repeats: int, notes: list[str]) -> Sta
         passes.append((sum(lat), lat))
     passes.sort(key=lambda p: p[0])
     total, lat = passes[len(passes) // 2]
-    records = sum(int(f[MASK].shape[0]) for f, _ in batches)
+    records = sum(samples_in(f) for f, _ in batches)
     return StageMeasurement("h2d", records, max(total, 1e-9), lat)

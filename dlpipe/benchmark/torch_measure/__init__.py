@@ -16,6 +16,11 @@ process pinned to its CPU share; each returns ``FrameworkResult``s. How each num
   time. ``wait_s``/``compute_s`` are from the last repeat; ``pipeline_queue_samples`` counts the
   batches waiting in the DataLoader's result queue before each step (the "batch" stage's
   ``queue_capacity`` is ``num_workers × prefetch_factor``); none with ``num_workers=0``.
+- **Padding** (``cfg.padding``, ``dlpipe.benchmark.modes``): the loader's batches as that mode
+  shapes them (``fixed``, ``longest``, ``buckets``, ``packing``); ``batch`` times that mode's rule
+  (packing: ``window_stages.packed_stages``, the packer both loaders run), and ``h2d``, ``step``
+  and the pipeline run at its real batch shapes; ``token_efficiency`` counts real tokens over
+  computed ones on the timed batches. ``calibrate_step`` calibrates at the mode's shapes.
 - ``model``: ``none`` (step 0: the feed rate), ``sleep:MS`` (the calibrated step, MLPerf-Storage
   style) or ``deepcal`` (the real train step, synchronized on CUDA so its time is real).
 - **Baselines**: the padded source, one record per ``__getitem__`` (``PaddedRows``) through a

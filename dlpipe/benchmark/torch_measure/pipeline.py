@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
-
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.drive import step_seconds
+from dlpipe.benchmark.modes import plan
 from dlpipe.benchmark.torch_measure.device import _device, _Model, _to, _torch
 from dlpipe.benchmark.torch_measure.stages import (
     _check,
@@ -15,16 +15,20 @@ from dlpipe.benchmark.torch_measure.stages import (
 )
 from dlpipe.benchmark.torch_measure.timing import _drive, _Stream, _time_step
 
+STEP_BATCHES = 8  # calibration cycles over this many batches (their widths as the data has them)
+
 
 def calibrate_step(cfg: BenchConfig) -> float:
-    """Median seconds of DeepCAL's real train step at ``batch_size`` on ``device``, on a batch
-    of the dataset (its real lengths), after warm-up."""
+    """Seconds of DeepCAL's real train step on ``device``, on the dataset's first batches as
+    ``cfg.padding`` shapes them (their real lengths), after warm-up: each batch's median, their
+    mean (``drive.step_seconds``)."""
     _check(cfg)
     device = _device(cfg.device)
     loader = _dlpipe_loader(BenchConfig(**{**cfg.to_json(), "num_workers": 0}), device, 1, 0)
-    batches = [b for _, b in zip(range(8), loader)]
-    stage = _time_step(_Model("deepcal", device), batches, cfg.steps)
-    return float(statistics.median(stage.batch_latencies_s))
+    batches = [b for _, b in zip(range(STEP_BATCHES), loader)]
+    steps = max(cfg.steps, 3 * len(batches))  # every batch at least 3 times (budget permitting)
+    stage = _time_step(_Model("deepcal", device), batches, steps, widths=STEP_BATCHES)
+    return step_seconds(stage.batch_latencies_s, len(batches))
 
 
 def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
@@ -41,6 +45,7 @@ def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
         f"rank {cfg.rank} of {cfg.world_size}: {len(loader)} batches per epoch, "
         f"num_workers={cfg.num_workers}, torch threads {torch.get_num_threads()}",
     ]
+    notes.append(f"padding: {plan(cfg.padding, cfg.data, cfg.batch_size).text} ({cfg.padding})")
     stages = _dlpipe_stages(cfg, loader, model, device, notes)
     run = _drive(lambda r: _Stream(loader, r), model, cfg, device)
     _pipeline_notes(run, stages, notes)
@@ -54,7 +59,7 @@ def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
     if cfg.profile_dir:
         _profile(cfg, loader, model, device)
         notes.append(f"profile: torch.profiler trace in {cfg.profile_dir} (tensorboard --logdir)")
-    return _result("dlpipe", run, stages, notes)
+    return _result("dlpipe", run, stages, notes, padding=cfg.padding)
 
 
 def _profile(cfg: BenchConfig, loader, model: _Model, device) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 from dlpipe.benchmark.config import BenchConfig
 from dlpipe.benchmark.drive import drive, time_units
 from dlpipe.benchmark.ledger import StageMeasurement
+from dlpipe.benchmark.modes import batch_counts, samples_in
 from dlpipe.benchmark.torch_measure.device import STEP_BUDGET_S, _Model, _sync, _to
-from dlpipe.defaults import MASK_COLUMN as MASK
 
 
 class _Stream:
@@ -51,12 +51,9 @@ def _drive(make_stream: Callable[[int], _Stream], model: _Model, cfg: BenchConfi
 
     def fetch(stream: _Stream):
         host = next(stream)
-        return (_to(host, device) if move else host), host[MASK]
+        return (_to(host, device) if move else host), host
 
-    def count(mask) -> tuple[int, int, int]:
-        return len(mask), int(mask.sum()), mask.numel()
-
-    return drive(make_stream, fetch, model, count, repeats=cfg.repeats, warmup=cfg.warmup, steps=cfg.steps,
+    return drive(make_stream, fetch, model, batch_counts, repeats=cfg.repeats, warmup=cfg.warmup, steps=cfg.steps,
                  depth=_Stream.ready)
 
 
@@ -79,13 +76,13 @@ def _time_step(
         t = time.perf_counter()
         model(batch)
         lat.append(time.perf_counter() - t)
-        items += len(batch[MASK])
+        items += samples_in(batch)
     return StageMeasurement("step", items, max(sum(lat), 1e-9), lat)
 
 
 def _time_h2d(batches: list[dict], device, repeats: int, notes: list[str]) -> StageMeasurement:
     """Host-to-device copies of finished batches: pinned (the stage), pageable (a note)."""
-    records = [(len(b[MASK]), 1) for b in batches]
+    records = [(samples_in(b), 1) for b in batches]
     if device.type != "cuda":
         units = [
             (functools.partial(lambda b: {k: v.clone() for k, v in b.items()}, b), n, k)
