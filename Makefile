@@ -15,7 +15,7 @@ CONSTRAINTS ?= constraints.txt
 WHEELS ?= /opt/wheels
 PIP_INSTALL := $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) \
 	$(if $(or $(wildcard $(WHEELS)),$(findstring ://,$(WHEELS))),--find-links $(WHEELS))
-EXTRAS := tf,torch,hf,hdf5,webdataset,s3,ray,bench,test
+EXTRAS := tf,torch,hf,hdf5,webdataset,s3,ray,bench,test,transformers,lightning
 
 .PHONY: venv demo test lint bench bench-reshard clean
 

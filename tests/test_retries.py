@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import padded_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.errors import ConfigError, DlpipeError, FormatError, OutputError

@@ -8,9 +8,9 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import padded_tokens
 from hypothesis import given
 from hypothesis import strategies as st
+from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.errors import ConfigError, MissingDependencyError

@@ -13,7 +13,7 @@ from dlpipe.loaders.options import LoaderOptions, ShuffleConfig, resolve_shuffle
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from conftest import padded_tokens
+    from token_rows import padded_tokens
 
     d = tmp_path_factory.mktemp("options")
     ids, _ = padded_tokens(np.random.default_rng(0), 200, 16)

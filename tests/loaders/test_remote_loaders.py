@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import padded_tokens
+from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.errors import FormatError, VerifyError

@@ -14,8 +14,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import padded_tokens
 from resume_helper import run_save_load_state, tf_checkpoint
+from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.errors import ConfigError

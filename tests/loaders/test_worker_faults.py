@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and fork are POSIX"),
 ]
 
-from conftest import padded_tokens  # noqa: E402
+from token_rows import padded_tokens  # noqa: E402
 
 from dlpipe.loaders.torch_data import LoaderWorkerError  # noqa: E402
 

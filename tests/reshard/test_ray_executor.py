@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import padded_tokens
+from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.errors import DlpipeError, PaddingError

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import padded_tokens
+from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.cli import main
