@@ -336,3 +336,24 @@ def batches_consumed_per_worker(batches_per_worker: Sequence[int], consumed: int
             remaining[w] -= rounds
         left -= rounds * len(active)
     return done
+
+
+# ---------------------------------------------------------------------------------------------
+# length buckets for loaders that group records in their own ops (tf.data: loaders.tf_buckets)
+
+BUCKET_WINDOW_BATCHES = 64  # records grouped by length bucket come from windows of this many batches
+
+
+def bucket_window_draws(window: Window, *, batch_size: int, shuffle: bool, seed: int, epoch: int,
+                        rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """``window_batches``'s random draws for a bucketed window, which need no lengths: ``rows``
+    (the window's records in the order they are stably sorted by bucket) and ``order`` (the
+    order in which the ``num_records // batch_size`` full batches of the sorted rows are
+    yielded; the partial one comes last). Sorting ``rows`` stably by bucket, cutting batches and
+    taking the full ones in ``order`` gives ``window_batches(..., boundaries=...)``'s batches."""
+    n = window.num_records
+    rng = np.random.default_rng([seed, epoch, rank, window.index])
+    rows = rng.permutation(n) if shuffle else np.arange(n)
+    full = n // batch_size
+    order = rng.permutation(full) if shuffle and -(-n // batch_size) > 1 else np.arange(full)
+    return rows, order

@@ -22,10 +22,12 @@ from dlpipe.columns import ColumnEncoding
 from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import UNEVEN, default_boundaries
+from dlpipe.loaders.packing import DEFAULT_SEGMENTS, LAYOUTS, PackingOptions
 
 __all__ = ["LoaderOptions", "ShuffleConfig", "resolve_shuffle"]
 
 PADDING_SIDES = ("right", "left")
+PACK_WINDOW = 16384  # records packed together (dlpipe.loaders.packed)
 
 
 def _is_int(value: Any) -> bool:
@@ -55,7 +57,12 @@ class LoaderOptions:
     - ranks: ``world_size`` and ``rank`` (both or neither; None until the front end resolves
       them, see ``with_world``), ``uneven`` ('pad' or 'drop');
     - columns: ``columns`` and ``label_cols`` (HF ``to_tf_dataset``'s selection and split; None:
-      every loaded column).
+      every loaded column);
+    - packing (``validate_packing``; ``dlpipe.loaders.packed``): ``packing`` (False, True or
+      ``"rows"``, ``"flat"``, or a ``PackingOptions``) with ``max_length``, ``max_segments``,
+      ``max_tokens``, ``truncate``, ``pack_window``. Once checked, ``packing`` is None or a
+      ``PackingOptions`` (``carry=False``) holding them, ``batch_size`` its rows per batch and
+      ``pack_window`` set; the four scalar fields are cleared (so checking again is a no-op).
     """
 
     batch_size: int | None = None
@@ -71,7 +78,12 @@ class LoaderOptions:
     uneven: str = "pad"
     columns: tuple[str, ...] | None = None
     label_cols: tuple[str, ...] = ()
-    # sequence packing (dlpipe.loaders.packing) adds its fields and a validate_packing here
+    packing: bool | str | PackingOptions | None = False
+    max_length: int | None = None
+    max_segments: int | None = None
+    max_tokens: int | None = None
+    truncate: bool = False
+    pack_window: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +96,7 @@ class LoaderOptions:
         """Check every field (raises ConfigError naming the parameter, its value and what is
         valid), normalizing them: ints, tuples, bools."""
         self.validate_batching()
+        self.validate_packing()
         self.validate_padding()
         self.validate_shuffle()
         self.validate_world()
@@ -96,6 +109,57 @@ class LoaderOptions:
                                   "(or None for unbatched records, to_tf_dataset only)")
             self._set("batch_size", int(self.batch_size))
         self._set("drop_last", bool(self.drop_last))
+
+    def validate_packing(self) -> None:
+        spec, scalars = self.packing, ("max_length", "max_segments", "max_tokens", "truncate")
+        given = [f"{n}={getattr(self, n)!r}" for n in scalars if getattr(self, n) not in (None, False)]
+        if spec is None or spec is False:
+            if given or self.pack_window is not None:
+                what = given[0] if given else f"pack_window={self.pack_window!r}"
+                raise ConfigError(f"{what} needs packing=True ('rows', 'flat' or a PackingOptions)")
+            self._set("packing", None)
+            return
+        for name, bad, why in (
+            ("bucket_boundaries", self.bucket_boundaries is not None, "packed rows are max_length long"),
+            ("pad_to_multiple_of", self.pad_to_multiple_of is not None,
+             "packed rows are max_length long (choose max_length a multiple instead)"),
+            ("padding_side", self.padding_side != "right", "records are packed from each row's start"),
+            ("drop_last", self.drop_last, "every packed batch has the same shape (a window's last one is "
+             "filled with empty rows), so there is no short batch to drop (to_tf_dataset: drop_remainder)"),
+        ):
+            if bad:
+                raise ConfigError(f"{name}={getattr(self, name)!r} cannot be used with packing={spec!r}: {why}")
+        if isinstance(spec, PackingOptions):
+            if given:
+                raise ConfigError(f"{given[0]} given beside packing=PackingOptions(...); set it in the PackingOptions")
+            if self.batch_size is not None and self.batch_size != spec.batch_rows:
+                raise ConfigError(f"batch_size={self.batch_size!r}, but packing={spec!r} makes batches of "
+                                  f"{spec.batch_rows} rows; leave batch_size out or make them agree")
+            opts = replace(spec, carry=False)
+        elif spec is True or (isinstance(spec, str) and spec in LAYOUTS):
+            rows, tokens = self.batch_size, self.max_tokens
+            if self.max_length is None:
+                raise ConfigError(f"packing={spec!r} needs max_length=... (tokens per packed row)")
+            if tokens is not None and (not _is_int(tokens) or tokens < 1):
+                raise ConfigError(f"max_tokens={tokens!r}; use None or an int >= max_length (tokens per batch)")
+            if (rows is None) == (tokens is None):
+                raise ConfigError(f"batch_size={rows!r}, max_tokens={tokens!r}: with packing={spec!r} give one, "
+                                  "batch_size (rows per batch) or max_tokens (tokens per batch)")
+            opts = PackingOptions(
+                max_length=self.max_length, rows_per_batch=None if tokens is not None else rows,
+                max_tokens=tokens, truncate=bool(self.truncate), layout="rows" if spec is True else spec,
+                max_segments=DEFAULT_SEGMENTS if self.max_segments is None else self.max_segments, carry=False,
+            )
+        else:
+            raise ConfigError(f"packing={spec!r}; use False, True, 'rows', 'flat' or a PackingOptions")
+        window = PACK_WINDOW if self.pack_window is None else self.pack_window
+        if not _is_int(window) or window < 1:
+            raise ConfigError(f"pack_window={window!r}; use an int >= 1 (records packed together)")
+        for name in scalars:
+            self._set(name, False if name == "truncate" else None)
+        self._set("packing", opts)
+        self._set("batch_size", opts.batch_rows)
+        self._set("pack_window", int(window))
 
     def validate_padding(self) -> None:
         multiple = self.pad_to_multiple_of

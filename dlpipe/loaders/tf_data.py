@@ -10,9 +10,10 @@ all graph ops, no ``py_function`` and no ``from_generator``::
 Decoding and padding (``dlpipe.loaders.tf_decode.BatchDecoder``) follow
 ``dlpipe.loaders.common.collate``, so TF and PyTorch batches match; this module reads the files
 (interleave, or the epoch plan of ``dlpipe.loaders.tf_plan``) and groups records into batches.
-Length bucketing groups serialized records by bucket with ``group_by_window`` before parsing, so
-every batch is padded to exactly one boundary: a small fixed set of shapes. The arguments both
-front ends share are checked once, as ``dlpipe.loaders.options.LoaderOptions``.
+Length bucketing (``dlpipe.loaders.tf_buckets``) groups serialized records by bucket a window of
+records at a time, by the PyTorch loader's rule, before parsing, so every batch is padded to a
+bucket boundary: a small fixed set of shapes. The arguments both front ends share are checked
+once, as ``dlpipe.loaders.options.LoaderOptions``.
 
 Return structure follows HF ``Dataset.to_tf_dataset``: ``columns=None`` gives a dict of every
 column (plus ``attention_mask``); with ``columns`` / ``label_cols`` a ``features`` dict (or the
@@ -52,6 +53,7 @@ from dlpipe.loaders.options import LoaderOptions, resolve_shuffle
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
 
+from dlpipe.loaders.tf_buckets import file_order_bucket_batches, planned_bucket_batches  # noqa: E402
 from dlpipe.loaders.tf_decode import BatchDecoder  # noqa: E402
 
 _COMPRESSION = {None: "", "gzip": "GZIP", "zlib": "ZLIB"}
@@ -92,6 +94,12 @@ def to_tf_dataset(
     world_size: int | None = None,
     rank: int | None = None,
     uneven: str = "pad",
+    packing: Any = False,
+    max_length: int | None = None,
+    max_segments: int | None = None,
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    pack_window: int | None = None,
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of padded batches of a ``ShardDataset`` (HF names and structure).
 
@@ -108,13 +116,17 @@ def to_tf_dataset(
     - ``num_workers``: parallel batch parses (0: ``AUTOTUNE``); ``cycle_length``: shard files
       read at once (default min(shards, 16)).
     - ``bucket_boundaries`` (a sorted list, or ``"auto"`` for ``common.default_boundaries``):
-      records are grouped by length bucket and each batch is padded to its bucket's boundary.
+      records are grouped by length bucket a window at a time (the PyTorch loader's rule, see
+      ``dlpipe.loaders.tf_buckets``) and each batch is padded to its bucket's boundary.
     - ``world_size``/``rank`` (both or neither): this process's share when several read the split
       (e.g. one per GPU without ``tf.distribute``): equal record ranges of the epoch order, as the
       PyTorch loader splits them, so any number of ranks works with any number of shards; the
       same batches as ``to_torch_dataloader`` with the same arguments. ``uneven`` as there.
     - ``deterministic``: None keeps the order reproducible (an unseeded shuffle draws its seed
       once, as in the PyTorch loader).
+    - ``packing`` (True, ``"rows"``, ``"flat"`` or a ``PackingOptions``) with ``max_length``,
+      ``max_segments``, ``max_tokens``, ``truncate``, ``pack_window``: batches of ``batch_size``
+      packed rows, the PyTorch loader's (``dlpipe.loaders.tf_packed``).
     """
     info = ds.info
     if info.format != "tfrecord":
@@ -131,9 +143,17 @@ def to_tf_dataset(
         padding_side=padding_side, bucket_boundaries=bucket_boundaries,
         return_attention_mask=return_attention_mask, shuffle=shuffle, seed=seed,
         world_size=world_size, rank=rank, uneven=uneven, columns=columns, label_cols=label_cols,
+        packing=packing, max_length=max_length, max_segments=max_segments, max_tokens=max_tokens,
+        truncate=truncate, pack_window=pack_window,
     )
     if opts.world_size is None:
         opts = opts.with_world(1, 0)
+    if opts.packing is not None:  # sequence packing: numpy batches through from_generator
+        from dlpipe.loaders.packed import refuse_collate_fn
+        from dlpipe.loaders.tf_packed import packed_tf_dataset
+
+        refuse_collate_fn(collate_fn, opts.packing)
+        return packed_tf_dataset(ds, opts, prefetch=prefetch)
     features = None if opts.columns is None else list(opts.columns)
     labels = list(opts.label_cols)
     wanted = None if features is None or collate_fn is not None else features + labels
@@ -161,7 +181,13 @@ def to_tf_dataset(
         deterministic = True
     parallel = num_workers or tf.data.AUTOTUNE
     finish = _batch_fn(decoder, batch_size, collate_fn, collate_fn_args, features, labels)
-    if planned:  # elements are whole batches already (of _CHUNK records when unbatched)
+    if planned and boundaries is not None:  # whole batches, grouped by bucket per window (tf_buckets)
+        files = []
+        data = planned_bucket_batches(ds, decoder, batch_size, seed=shuffle_state.plan_seed,
+                                      shuffle=shuffle_state.shuffled, drop_remainder=drop_remainder,
+                                      world_size=opts.world_size, rank=opts.rank, uneven=opts.uneven,
+                                      parallel=parallel, deterministic=deterministic)
+    elif planned:  # elements are whole batches already (of _CHUNK records when unbatched)
         from dlpipe.loaders.tf_plan import planned_batches
 
         files = []
@@ -186,10 +212,10 @@ def to_tf_dataset(
         data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
         data = data.unbatch()
     else:
-        if boundaries is not None:
-            data = _group_by_bucket(
-                data.unbatch(), decoder, boundaries, batch_size, drop_remainder, parallel, deterministic
-            )
+        if boundaries is not None and not planned:  # grouped by bucket per window (tf_buckets)
+            data = file_order_bucket_batches(data, ds, decoder, batch_size, shuffle_state=shuffle_state,
+                                             drop_remainder=drop_remainder, parallel=parallel,
+                                             deterministic=deterministic)
         elif not planned:
             data = data.rebatch(batch_size, drop_remainder=drop_remainder)
         data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
@@ -271,39 +297,6 @@ def _records(
         record_seed = None if seed is None else seed + 1
         data = data.shuffle(max(2, buffer_size // _BLOCK), seed=record_seed, reshuffle_each_iteration=True)
     return data
-
-
-def _group_by_bucket(
-    records: tf.data.Dataset,
-    decoder: BatchDecoder,
-    boundaries: Sequence[int],
-    batch_size: int,
-    drop_remainder: bool,
-    parallel: int,
-    deterministic: bool,
-) -> tf.data.Dataset:
-    """Batches of serialized records whose lengths share a bucket (longer ones: one more group).
-
-    Only the length column is parsed here, once per chunk; records travel as strings, and every
-    batch is parsed in full once, after grouping.
-    """
-    bounds = tf.constant(list(boundaries), tf.int64)
-
-    def keyed(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return serialized, tf.searchsorted(
-            bounds, decoder.record_lengths(serialized), side="left", out_type=tf.int64
-        )
-
-    keyed_records = (
-        records.batch(_CHUNK)
-        .map(keyed, num_parallel_calls=parallel, deterministic=deterministic)
-        .unbatch()
-    )
-    return keyed_records.group_by_window(
-        key_func=lambda serialized, bucket: bucket,
-        reduce_func=lambda _, window: window.batch(batch_size, drop_remainder=drop_remainder),
-        window_size=batch_size,
-    ).map(lambda serialized, bucket: serialized)
 
 
 def _batch_fn(

@@ -52,8 +52,15 @@ class BatchDecoder:
         variable = [n for n, e in self.encodings.items() if e.variable]
         self.length_column = variable[0] if variable else None
 
-    def __call__(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, self.spec)
+    def __call__(self, serialized: tf.Tensor | Mapping[str, Any]) -> dict[str, tf.Tensor]:
+        """The padded batch of serialized records ``[B]``, or of what ``parse_example`` made of them
+        (``self.spec``; length buckets parse a window at a time: ``dlpipe.loaders.tf_buckets``),
+        where a ragged column may come as its (flat values, row lengths)."""
+        if isinstance(serialized, Mapping):
+            parsed = {n: tf.RaggedTensor.from_row_lengths(*v, validate=False) if isinstance(v, tuple) else v
+                      for n, v in serialized.items()}
+        else:
+            parsed = tf.io.parse_example(serialized, self.spec)
         out, mask = {}, None
         for name, enc in self.encodings.items():
             if not enc.variable:
@@ -110,11 +117,14 @@ class BatchDecoder:
             i < len(self.boundaries), tf.gather(tf.concat([bounds, [0]], 0), i), rounded
         )
 
-    def record_lengths(self, serialized: tf.Tensor) -> tf.Tensor:
-        """Each record's length (values along the variable axis, int64 [B]) in ``length_column``,
-        parsing only that column (what bucketing groups by)."""
+    def record_lengths(self, serialized: tf.Tensor | Mapping[str, Any]) -> tf.Tensor:
+        """Each record's length (values along the variable axis, int64 [B]) in ``length_column``
+        (what bucketing groups by), parsing only that column, or of parsed records."""
         name = self.length_column
-        value = tf.io.parse_example(serialized, {name: self.spec[name]})[name]
+        if isinstance(serialized, Mapping):
+            value = serialized[name]
+        else:
+            value = tf.io.parse_example(serialized, {name: self.spec[name]})[name]
         return _record_lengths(value, self.encodings[name])
 
     def ragged(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -21,10 +21,16 @@ from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import DlpipeError
 from dlpipe.loaders.common import Ragged, collate, take_rows
 from dlpipe.loaders.options import LoaderOptions
+from dlpipe.loaders.transforms import Transform, apply_transforms, collate_records
 
 torch = require("torch", "dlpipe's PyTorch loader")
 
 PIPE_BYTES = 1 << 20
+
+
+class FilteredBatch:
+    """What a batch becomes when ``ds.filter`` removed every record of it: sent in its place, so
+    the loaders' iterators count it (resume stays exact) and go on to the next batch."""
 
 
 class WorkerError:
@@ -79,10 +85,18 @@ def make_batch(
     collate_fn: Callable[[list[dict[str, np.ndarray]]], Any] | None,
     *,
     in_worker: bool,
+    transforms: tuple[Transform, ...] = (),
 ) -> Any:
     """The batch of window ``cols``'s ``rows``: padded under ``options`` (or ``collate_fn`` of
     the records), dict batches as tensors, or as numpy arrays when small and ``in_worker``."""
-    if collate_fn is not None:
+    if transforms:  # ds.map / ds.filter: on the batch's records, then padded as records
+        recs = apply_transforms(records(cols, rows, encodings), transforms)
+        if not recs and collate_fn is None:
+            return FilteredBatch()
+        out = collate_fn(recs) if collate_fn is not None else collate_records(
+            recs, encodings, pad_values, pad_to_multiple_of=options.pad_to_multiple_of, boundaries=boundaries,
+            padding_side=options.padding_side, return_attention_mask=options.return_attention_mask)
+    elif collate_fn is not None:
         out = collate_fn(records(cols, rows, encodings))
     else:
         out = collate(
@@ -95,6 +109,12 @@ def make_batch(
             padding_side=options.padding_side,
             return_attention_mask=options.return_attention_mask,
         )
+    return transport(out, in_worker)
+
+
+def transport(out: Any, in_worker: bool) -> Any:
+    """A dict batch of numpy arrays as it leaves the dataset: as it is when small and
+    ``in_worker``, else as tensors (see the module docstring)."""
     if not isinstance(out, dict):
         return out
     if in_worker and sum(v.nbytes for v in out.values() if isinstance(v, np.ndarray)) <= PIPE_BYTES:

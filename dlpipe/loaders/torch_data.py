@@ -43,6 +43,9 @@ process (main or worker) opens its own filesystem and reads its windows with ran
 fetching the next ones on background threads while it pads the current one (bounded by the
 dataset's ``prefetch_bytes``), or from a local ``cache_dir`` (see ``dlpipe.loaders.shard_reader``).
 
+**Sequence packing** (``packing=...``, ``max_length=...``): batches of ``batch_size`` packed rows
+instead of padded records, resumable alike; ``dlpipe.loaders.packed`` (shared with tf.data).
+
 **collate_fn** (optional) replaces the padding rule: it receives the batch as a list of
 per-record dicts of numpy arrays (variable columns unpadded, as ``ShardDataset`` yields them),
 like a ``torch`` collate_fn; numpy arrays in a returned dict become tensors, anything else is
@@ -66,6 +69,7 @@ torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
 from dlpipe.loaders.common import (  # noqa: E402
+    BUCKET_WINDOW_BATCHES,
     MASK,
     buffer_batches,
     epoch_windows,
@@ -73,8 +77,9 @@ from dlpipe.loaders.common import (  # noqa: E402
     worker_windows,
 )
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
+from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs, refuse_collate_fn  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
-from dlpipe.loaders.torch_batches import WorkerError, make_batch  # noqa: E402
+from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, make_batch, transport  # noqa: E402
 from dlpipe.loaders.torch_loader import check_worker_args, make_loader, resolve_world  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
@@ -84,8 +89,6 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
     resume_point,
 )
 from dlpipe.loaders.windows import read_windows  # noqa: E402
-
-BUCKET_WINDOW_BATCHES = 64  # records grouped by length bucket come from windows of this many batches
 
 __all__ = [
     "DlpipeDataLoader",
@@ -146,8 +149,9 @@ class ShardIterableDataset(IterableDataset):
         if options.label_cols:
             raise ConfigError(f"label_cols={list(options.label_cols)!r}: PyTorch batches are dicts; "
                               "select columns with columns=[...] (or ds.select_columns)")
+        made = {MASK, *(k for keys in PACKED_KEYS.values() for k in keys)}
         if options.columns is not None:  # the mask follows return_attention_mask
-            source = source.select_columns([c for c in options.columns if c != MASK])
+            source = source.select_columns([c for c in options.columns if c not in made])
         self.source, self.shuffle_config = resolve_shuffle(source, options)
         self.options = options  # shuffle/seed as passed; as resolved: self.shuffle_config
         self.batch_size, self.drop_last, self.uneven = options.batch_size, options.drop_last, options.uneven
@@ -163,6 +167,14 @@ class ShardIterableDataset(IterableDataset):
         if self.boundaries is not None:  # grouping by length needs many batches to choose from
             self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
         self.block_records = self.shuffle_config.block_records
+        refuse_collate_fn(collate_fn, options.packing)
+        self.packer = None  # packed batches (dlpipe.loaders.packed) instead of padded ones
+        if options.packing is not None:
+            if self.source.transforms:
+                raise ConfigError("packing with ds.map/ds.filter is not supported: packing plans rows from "
+                                  "the stored lengths; apply the transforms before resharding")
+            self.packer = PackedEpochs(self.source, options, self.shuffle_config, self.encodings)
+            self.packer.lengths()  # one pass, here: worker processes get the table with the loader
         epoch = self.shuffle_config.epoch
         self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
         self._reader = self.source.reader()
@@ -204,10 +216,13 @@ class ShardIterableDataset(IterableDataset):
             "world_size": self.world_size,
             "rank": self.rank,
             "uneven": self.uneven,
+            "packing": None if self.packer is None else self.packer.settings(),
         }
 
     def windows(self, epoch: int | None = None):
         """This rank's windows of ``epoch`` (default: the current one)."""
+        if self.packer is not None:
+            return self.packer.windows(self.epoch if epoch is None else epoch)
         return epoch_windows(
             [s.num_records for s in self.source.shards],
             batch_size=self.batch_size,
@@ -285,6 +300,27 @@ class ShardIterableDataset(IterableDataset):
 
     def _batches(self, windows, epoch: int, skip: int, worker_id: int | None) -> Iterator[Any]:
         in_worker = worker_id is not None and self.loader_transport
+        packer = self.packer  # packed batches (dlpipe.loaders.packed), else padded ones
+        if packer is None:
+            stream = self._padded(windows, epoch, skip, in_worker)
+        else:
+            stream = packer.batches(self._reader, windows, epoch, skip)
+        try:
+            for batch in stream:
+                self._progress["batches_yielded"] += 1
+                if isinstance(batch, FilteredBatch) and not self.loader_transport:
+                    continue  # iterated without dlpipe's loader: nobody else would skip it
+                yield batch if packer is None else transport(batch, in_worker)
+        except GeneratorExit:  # closed early (or at exit, when module globals may be gone)
+            raise
+        except DlpipeError as e:
+            if not in_worker:
+                raise
+            yield WorkerError(e, worker_id)
+        finally:
+            stream.close()
+
+    def _padded(self, windows, epoch: int, skip: int, in_worker: bool) -> Iterator[Any]:
         todo, skips = [], []
         for window in windows:
             if skip >= window.num_batches:  # finished before the checkpoint: not even read
@@ -301,28 +337,12 @@ class ShardIterableDataset(IterableDataset):
                 if self.boundaries is not None:
                     enc = self.encodings[self.length_column]
                     lengths = np.diff(cols[self.length_column][1]) // enc.inner
-                order = window_batches(
-                    window,
-                    lengths,
-                    batch_size=self.batch_size,
-                    shuffle=self.shuffle,
-                    seed=self.seed,
-                    epoch=epoch,
-                    rank=self.rank,
-                    boundaries=self.boundaries,
-                )
+                order = window_batches(window, lengths, batch_size=self.batch_size, shuffle=self.shuffle,
+                                       seed=self.seed, epoch=epoch, rank=self.rank, boundaries=self.boundaries)
                 for rows in order[first:]:
-                    batch = make_batch(cols, rows, self.encodings, self.source.info.pad_values,
-                                       self.options, self.boundaries, self.collate_fn,
-                                       in_worker=in_worker)
-                    self._progress["batches_yielded"] += 1
-                    yield batch
-        except GeneratorExit:  # closed early (or at exit, when module globals may be gone)
-            raise
-        except DlpipeError as e:
-            if worker_id is None or not self.loader_transport:
-                raise
-            yield WorkerError(e, worker_id)
+                    yield make_batch(cols, rows, self.encodings, self.source.info.pad_values,
+                                     self.options, self.boundaries, self.collate_fn,
+                                     in_worker=in_worker, transforms=self.source.transforms)
         finally:
             windows_read.close()
 
@@ -347,6 +367,13 @@ def to_torch_dataloader(
     stateful: bool = False,
     return_attention_mask: bool = True,
     timeout: float = 0,
+    packing: Any = False,
+    max_length: int | None = None,
+    max_segments: int | None = None,
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    pack_window: int | None = None,
+    device: Any = None,
 ):
     """A DataLoader of padded batches of ``ds`` (see the module docstring).
 
@@ -359,17 +386,30 @@ def to_torch_dataloader(
     torchdata ``StatefulDataLoader`` subclass; both have ``set_epoch``, ``state_dict`` and
     ``load_state_dict``. A worker that dies, or with ``timeout`` > 0 sends no batch for that many
     seconds, ends the epoch with ``LoaderWorkerError``.
+    With ``packing`` (``dlpipe.loaders.packed``) ``batch_size`` is rows per batch, or
+    ``max_tokens`` tokens per batch (``batch_size`` then stays at its default, 1).
+    ``device`` (e.g. ``"cuda"``): the loader comes wrapped in a ``DevicePrefetcher`` that copies
+    the next batch to the device on a side stream while the current one trains (use with
+    ``pin_memory=True``); ``set_epoch`` and ``state_dict`` pass through, exact.
     """
     require("torch", "to_torch_dataloader")
     check_worker_args(num_workers, prefetch_factor, persistent_workers, timeout)
+    if batch_size == 1 and packing not in (False, None) and (max_tokens or not isinstance(packing, (bool, str))):
+        batch_size = None  # the default: the token budget or the PackingOptions sets the rows
     options = LoaderOptions(
         batch_size=batch_size, drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of,
         padding_side=padding_side, bucket_boundaries=bucket_boundaries,
         return_attention_mask=return_attention_mask, shuffle=shuffle, seed=seed,
-        world_size=world_size, rank=rank, uneven=uneven,
+        world_size=world_size, rank=rank, uneven=uneven, packing=packing, max_length=max_length,
+        max_segments=max_segments, max_tokens=max_tokens, truncate=truncate, pack_window=pack_window,
     )
     dataset = ShardIterableDataset.from_options(ds, options, collate_fn)
     dataset.loader_transport = True
-    return make_loader(dataset, stateful=stateful, num_workers=num_workers, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                       timeout=timeout)
+    loader = make_loader(dataset, stateful=stateful, num_workers=num_workers, pin_memory=pin_memory,
+                         prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                         timeout=timeout)
+    if device is None:
+        return loader
+    from dlpipe.loaders.torch_prefetch import DevicePrefetcher
+
+    return DevicePrefetcher(loader, device)

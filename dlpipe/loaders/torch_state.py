@@ -45,7 +45,7 @@ from dlpipe.loaders.torch_faults import (
 torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import DataLoader  # noqa: E402
 
-from dlpipe.loaders.torch_batches import WorkerError, identity, numpy_to_tensors  # noqa: E402
+from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, identity, numpy_to_tensors  # noqa: E402
 
 STATE_VERSION = 2  # 2: shuffled epochs permute blocks across the split (block_records)
 # settings that shape the epoch plan: a checkpoint only resumes under the same ones
@@ -60,6 +60,7 @@ PLAN_KEYS = (
     "rank",
     "uneven",
     "num_workers",
+    "packing",  # None, or dlpipe.loaders.packed.PackedEpochs.settings()
 )
 
 
@@ -140,6 +141,12 @@ class LoaderIterator:
         return [w.pid for w in getattr(self._inner, "_workers", None) or []]
 
     def __next__(self) -> Any:
+        batch = self._next()
+        while isinstance(batch, FilteredBatch):  # ds.filter emptied it: counted, not handed out
+            batch = self._next()
+        return batch
+
+    def _next(self) -> Any:
         self._waiting = time.monotonic()
         try:
             batch = next(self._inner)
@@ -348,6 +355,11 @@ def stateful_loader_class() -> type:
                 super().__init__(dataset, batch_size=None, **kwargs)
 
             def set_epoch(self, epoch: int) -> None:
+                # a loaded state of another epoch is dropped, as DlpipeDataLoader drops it: a
+                # state saved at the end of epoch e, then set_epoch(e + 1), starts epoch e + 1
+                pending = _state_epoch(self.next_iter_state)
+                if pending is not None and pending != int(epoch):
+                    self.next_iter_state = None
                 self.dataset.set_epoch(epoch)
 
             def __iter__(self) -> LoaderIterator:  # type: ignore[override]
@@ -368,3 +380,15 @@ def stateful_loader_class() -> type:
 
 
 _STATEFUL: type | None = None
+
+
+def _state_epoch(state: Any) -> int | None:
+    """The epoch of dlpipe's dataset state inside a (torchdata) loader state, if any."""
+    if isinstance(state, dict):
+        if "epoch" in state and "batches_yielded" in state:
+            return int(state["epoch"])
+        for v in state.values():
+            found = _state_epoch(v)
+            if found is not None:
+                return found
+    return None

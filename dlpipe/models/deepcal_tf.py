@@ -93,10 +93,9 @@ def batch_loss(model: Any, features: dict[str, Any], labels: Any, training: bool
     """The loss of a batch in any of its forms, told apart by its keys: padded (``FEATURES``,
     labels [B, 2]), packed rows (``dlpipe.models.PACKED_FEATURES``, labels [B, S, 2]) or
     flattened (``FLAT_FEATURES``, labels [n, 2]). Other keys (``lengths``, ...) are ignored."""
-    if "cu_seqlens" in features:
-        return deepcal_loss(
-            labels, flat_outputs(model, features["input_ids"], features["cu_seqlens"])
-        )
+    if "cu_seqlens" in features:  # the mean over real records, 0 for an empty batch (not NaN)
+        pred = flat_outputs(model, features["input_ids"], features["cu_seqlens"])
+        return deepcal_packed_loss(labels, pred, _tf().ones(_tf().shape(labels)[:1]))
     if "segment_ids" in features:
         mask = features["segment_mask"]
         pred = packed_outputs(
@@ -165,7 +164,7 @@ def _spread(model: Any, input_ids: Any, seg: Any, num_segments: Any) -> tuple[An
     batch, width = tf.shape(seg)[0], tf.shape(seg)[1]
     at = tf.range(width)[None] + gap * (tf.where(seg > 0, seg, num_segments) - 1)
     index = tf.stack([tf.broadcast_to(tf.range(batch)[:, None], [batch, width]), at], -1)
-    shape = tf.stack([batch, width + gap * (num_segments - 1)])
+    shape = tf.stack([batch, width + gap * tf.maximum(num_segments - 1, 0)])  # 0 segments: empty
     ids = tf.scatter_nd(index, tf.cast(input_ids, tf.int64), shape)
     return ids, tf.scatter_nd(index, seg, shape)
 

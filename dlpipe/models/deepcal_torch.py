@@ -87,7 +87,7 @@ class DeepCalTorch(nn.Module):
         at = torch.arange(width, device=seg.device) + gap * (
             torch.where(seg > 0, seg, num_segments) - 1
         )
-        spread = (batch, width + gap * (num_segments - 1))
+        spread = (batch, max(width + gap * max(num_segments - 1, 0), 1))  # >= 1: an empty batch
         ids = input_ids.long().new_zeros(spread).scatter_(1, at, input_ids.long())
         seg = seg.new_zeros(spread).scatter_(1, at, seg)
         mask = (seg > 0).to(torch.float32).unsqueeze(1)  # [B, 1, L']
@@ -147,8 +147,10 @@ def batch_loss(model: Any, batch: dict[str, Any], device: Any) -> Any:
         t = batch[key]
         return t.to(device, non_blocking=t.is_pinned())
 
-    if "cu_seqlens" in batch:
-        return deepcal_loss(model(get("input_ids"), cu_seqlens=get("cu_seqlens")), get("labels"))
+    if "cu_seqlens" in batch:  # the mean over real records, 0 for an empty batch (not NaN)
+        labels = get("labels")
+        pred = model(get("input_ids"), cu_seqlens=get("cu_seqlens"))
+        return deepcal_packed_loss(pred, labels, labels.new_ones(labels.shape[0]))
     if "segment_ids" in batch:
         mask = get("segment_mask")
         pred = model(get("input_ids"), segment_ids=get("segment_ids"), num_segments=mask.shape[1])

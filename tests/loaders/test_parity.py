@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.tf, pytest.mark.torch]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from conftest import padded_tokens
+    from token_rows import padded_tokens
 
     d = tmp_path_factory.mktemp("parity")
     ids, _ = padded_tokens(np.random.default_rng(4), 3000, 48, max_len=48)
@@ -152,3 +152,38 @@ def test_both_front_ends_refuse_bad_shared_options_with_one_message(shards, kw):
     assert messages[0] == messages[1]
     name = next(k for k in kw if k != "batch_size") if len(kw) > 1 else "batch_size"
     assert name in messages[0]
+
+
+@pytest.mark.parametrize("kw", [
+    {"shuffle": True, "seed": 9},
+    {"buffer_size": 300},
+    {"shuffle": True, "seed": 9, "drop_remainder": True, "padding_side": "left"},
+    {"shuffle": True, "seed": 9, "world_size": 2, "rank": 1},
+    {"world_size": 2, "rank": 0},
+    {"cycle_length": 1},
+    {"cycle_length": 1, "drop_remainder": True},
+])
+def test_bucketed_batches_are_identical_in_both_frameworks(shards, kw):
+    """Length buckets follow one rule (``common.window_batches``: a window of records sorted by
+    bucket, full batches shuffled): where both read the same records in the same order (the
+    epoch plan; unshuffled with ``cycle_length=1``, one shard file after the other) the batches
+    are the same, record for record and pad for pad. (With several shard files interleaved,
+    tf.data's unshuffled stream differs from PyTorch's shard-by-shard one, with or without
+    buckets.)"""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("torch")
+    ds = dlpipe.load_dataset(shards)
+    kw = {"bucket_boundaries": [8, 16, 24, 32], **kw}
+    if "buffer_size" in kw:  # ds.shuffle: windows of 64 batches (the least for buckets), 6 of them
+        ds = ds.shuffle(seed=9, buffer_size=kw.pop("buffer_size"))
+    cycle = {"cycle_length": kw.pop("cycle_length")} if "cycle_length" in kw else {}
+    drop = kw.pop("drop_remainder", False)
+    # batches of 8: windows of 125 batches (the default 1000-record buffer), 3 of them
+    got_tf = [({k: v.numpy() for k, v in f.items()}, y.numpy())
+              for f, y in ds.to_tf_dataset(batch_size=8, columns=["input_ids", "attention_mask"],
+                                           label_cols="labels", drop_remainder=drop, **cycle, **kw)]
+    got_torch = [({k: v.numpy() for k, v in b.items() if k != "labels"}, b["labels"].numpy())
+                 for b in ds.to_torch_dataloader(batch_size=8, drop_last=drop, **kw)]
+    assert_same_batches(got_tf, got_torch)
+    widths = [f["input_ids"].shape[1] for f, _ in got_tf]
+    assert all(w in (8, 16, 24, 32) or w > 32 for w in widths) and len(set(widths)) > 2

@@ -18,8 +18,8 @@ from dlpipe.loaders.common import batches_consumed_per_worker
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from conftest import padded_tokens  # noqa: E402
 from resume_helper import run_save_load_state  # noqa: E402
+from token_rows import padded_tokens  # noqa: E402
 
 N = 600  # divides by world sizes 1, 2 and 3
 WIDTH = 24
@@ -272,6 +272,23 @@ def test_resume_mid_epoch_equals_uninterrupted(root, num_workers, stateful):
 
     full = run_save_load_state(make, (0, 3, 11, 70, 74, 75), prepare=set_epoch_1, key=rid_key)
     assert len(full) == 75 and sorted(r for b in full for r in b) == list(range(N))
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_state_of_a_finished_epoch_then_set_epoch_plays_the_next_one(root, stateful):
+    """As a trainer does at an epoch boundary: load the state saved at the end of epoch 0, then
+    set_epoch(1): epoch 1 is played whole (the old state belongs to another epoch)."""
+    if stateful:
+        pytest.importorskip("torchdata")
+    ds = dlpipe.load_dataset(root).shuffle(seed=5, buffer_size=40)
+    first = ds.to_torch_dataloader(batch_size=8, stateful=stateful)
+    list(first)
+    state = first.state_dict()
+    again = ds.to_torch_dataloader(batch_size=8, stateful=stateful)
+    again.load_state_dict(state)
+    again.set_epoch(1)
+    rids = [r for b in again for r in rid_key(b)]
+    assert sorted(rids) == list(range(N))
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

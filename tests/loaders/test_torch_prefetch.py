@@ -13,8 +13,8 @@ from dlpipe.errors import ConfigError
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from conftest import padded_tokens  # noqa: E402
 from resume_helper import run_save_load_state  # noqa: E402
+from token_rows import padded_tokens  # noqa: E402
 
 from dlpipe.loaders.torch_prefetch import DevicePrefetcher  # noqa: E402
 
@@ -50,6 +50,12 @@ def test_same_batches_in_the_same_order(data, depth):
 def test_resume_is_exact_though_the_loader_runs_ahead(data, num_workers):
     run_save_load_state(lambda: DevicePrefetcher(loader(data, num_workers=num_workers), "cpu", depth=2),
                         stops=[0, 1, 5, 12], key=lambda b: b["rid"].tolist())
+
+
+def test_to_torch_dataloader_device_wraps_the_loader(data):
+    wrapped = loader(data, device="cpu")
+    assert isinstance(wrapped, DevicePrefetcher)
+    assert [b["rid"].tolist() for b in wrapped] == [b["rid"].tolist() for b in loader(data)]
 
 
 def test_set_epoch_reaches_the_loader(data):
