@@ -30,6 +30,12 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     ),
     "dlpipe-torch-w2": ("torch", "the same, `num_workers=2`"),
     "dlpipe-torch-w0-bucket": ("torch", '`num_workers=0`, `bucket_boundaries="auto"`'),
+    "dlpipe-torch-w0-map10us": (
+        "torch",
+        "`ds.map(f)` with f a ~10 µs per-record Python function (a tokenize/augment stand-in:"
+        " it busy-waits 10 µs and adds a column), `num_workers=0`",
+    ),
+    "dlpipe-torch-w2-map10us": ("torch", "the same, `num_workers=2` (the map runs in the workers)"),
     "dlpipe-torch-w0-packed": (
         "torch",
         "`num_workers=0`, `packing=True`: rows of the longest record rounded up to 8 tokens,"
@@ -143,6 +149,22 @@ def dlpipe_torch(shards: Path, workers: int, bucket: bool = False, packed: bool 
     ds = dlpipe.load_dataset(shards / "tfrecord")
     mode = "packing" if packed else "buckets" if bucket else "longest"
     loader = ds.to_torch_dataloader(shuffle=True, num_workers=workers, **padding_kwargs(shards, mode))
+    return lambda: loader
+
+
+def busy_10us(record: dict) -> dict:
+    """~10 µs of Python per record, as a tokenizer or an augmentation might cost."""
+    end = time.perf_counter() + 10e-6
+    while time.perf_counter() < end:
+        pass
+    return {"n_tokens": len(record["input_ids"])}
+
+
+def dlpipe_torch_map(shards: Path, workers: int) -> Callable[[], Iterable]:
+    import dlpipe
+
+    ds = dlpipe.load_dataset(shards / "tfrecord").map(busy_10us)
+    loader = ds.to_torch_dataloader(shuffle=True, num_workers=workers, **padding_kwargs(shards, "longest"))
     return lambda: loader
 
 
@@ -347,6 +369,8 @@ def side_makers(
         "dlpipe-torch-w0": lambda: dlpipe_torch(shards, 0),
         "dlpipe-torch-w2": lambda: dlpipe_torch(shards, 2),
         "dlpipe-torch-w0-bucket": lambda: dlpipe_torch(shards, 0, bucket=True),
+        "dlpipe-torch-w0-map10us": lambda: dlpipe_torch_map(shards, 0),
+        "dlpipe-torch-w2-map10us": lambda: dlpipe_torch_map(shards, 2),
         "dlpipe-torch-w0-packed": lambda: dlpipe_torch(shards, 0, packed=True),
         "tfrecord-torch-w0": lambda: tfrecord_torch(shards, 0),
         "tfrecord-torch-w2": lambda: tfrecord_torch(shards, 2),

@@ -59,6 +59,10 @@ def judge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         torch_best,
         best(by, "wds-torch-w0", "wds-torch-w2"),
     )
+    ratio("PyTorch num_workers=2 ÷ num_workers=0, no transform",
+          best(by, "dlpipe-torch-w2"), best(by, "dlpipe-torch-w0"), 1.0)  # fmt: skip
+    ratio("PyTorch num_workers=2 ÷ num_workers=0, a ~10 µs map per record",
+          best(by, "dlpipe-torch-w2-map10us"), best(by, "dlpipe-torch-w0-map10us"), 1.5)  # fmt: skip
     ratio("packing ÷ the same loader without it (PyTorch, 0 workers)",
           best(by, "dlpipe-torch-w0-packed"), best(by, "dlpipe-torch-w0"), 0.8)  # fmt: skip
     ratio("packing ÷ the same loader without it (TF)", best(by, "dlpipe-tf-packed"), tf, 0.8)
