@@ -30,6 +30,7 @@ import numpy as np
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError
+from dlpipe.loaders.common import collate
 
 __all__ = ["Transform", "apply_transforms", "collate_records", "make_transform"]
 
@@ -129,24 +130,16 @@ def collate_records(records: list[Record], encodings: Mapping[str, ColumnEncodin
                     pad_values: Mapping[str, Any], **padding: Any) -> dict[str, np.ndarray]:
     """Records (after transforms) as one padded batch, under ``loaders.common.collate``'s rule
     (``padding``: its keyword arguments)."""
-    from dlpipe.loaders.common import collate
-
     columns, encs = {}, {}
     for name in (list(records[0]) if records else []):
         arrays = [np.asarray(r[name]) for r in records]
         enc = encodings.get(name)
         if enc is None or not _fits(enc, arrays):
             enc = _infer(name, arrays)
-        if enc.variable:
-            flat = [a.reshape(-1) for a in arrays]
-            lengths = np.array([len(f) for f in flat], np.int64)
-        else:
-            flat = [a.reshape(-1) for a in arrays]
-            lengths = np.full(len(arrays), enc.inner, np.int64)
+        flat = [a.reshape(-1) for a in arrays]
         splits = np.zeros(len(arrays) + 1, np.int64)
-        np.cumsum(lengths, out=splits[1:])
-        values = np.concatenate(flat) if flat else np.zeros(0)
-        columns[name], encs[name] = (values.astype(np.result_type(*arrays), copy=False), splits), enc
+        np.cumsum([f.size for f in flat], out=splits[1:])
+        columns[name], encs[name] = (np.concatenate(flat).astype(np.result_type(*arrays), copy=False), splits), enc
     pads = {n: v for n, v in pad_values.items() if n in encodings and encs.get(n) == encodings[n]}
     return collate(columns, encs, pads, **padding)
 
