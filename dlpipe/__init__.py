@@ -19,6 +19,7 @@ from dlpipe.errors import (
     VerifyError,
 )
 from dlpipe.loaders.dataset import ShardDataset, load_dataset
+from dlpipe.loaders.mixture import MixedDataset, interleave_datasets
 from dlpipe.reshard import ReshardSummary, reshard
 from dlpipe.verify import VerifyReport, verify
 
@@ -27,6 +28,7 @@ __all__ = [
     "DlpipeError",
     "FormatError",
     "LoaderWorkerError",
+    "MixedDataset",
     "MissingDependencyError",
     "OutputError",
     "OutputLockedError",
@@ -36,6 +38,7 @@ __all__ = [
     "VerifyError",
     "VerifyReport",
     "__version__",
+    "interleave_datasets",
     "load_dataset",
     "reshard",
     "verify",

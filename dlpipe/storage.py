@@ -115,7 +115,13 @@ class Location:
         return {**self.__dict__, "_fs": None, "_retry": None}
 
     def join(self, *names: str) -> Location:
-        joined = posixpath.join(self.url, *names) if self.remote else os.path.join(self.url, *names)
+        """A place below this one; a name that is itself a URL (a mixture's shard from another
+        dataset, ``loaders.mixture``) stands for itself, as an absolute local path does."""
+        urls = [i for i, n in enumerate(names) if is_remote(n)]
+        if urls:
+            joined = posixpath.join(names[urls[-1]], *names[urls[-1] + 1 :])
+        else:
+            joined = posixpath.join(self.url, *names) if self.remote else os.path.join(self.url, *names)
         child = Location.__new__(Location)
         child.__dict__.update(self.__getstate__())
         child.url = joined

@@ -25,6 +25,7 @@ import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -214,8 +215,67 @@ def buffer_batches(buffer_size: int, batch_size: int) -> int:
     return max(1, -(-buffer_size // batch_size))
 
 
+class PieceOrder:
+    """An epoch's records in reading order (``epoch_pieces``): position p of [0, total) is a
+    record of a piece. ``sort``: windows read their ranges in shard and record order (a
+    shuffled window is permuted anyway), touching ones merged; else in position order."""
+
+    def __init__(self, pieces: tuple[np.ndarray, np.ndarray, np.ndarray], *, sort: bool) -> None:
+        self.pieces = tuple(x.tolist() for x in pieces)
+        self.bounds = [0, *np.cumsum(pieces[2] - pieces[1]).tolist()]
+        self.total = self.bounds[-1]
+        self.sort = sort
+
+    def ranges(self, a: int, b: int, *, positions: bool = False) -> list[tuple]:
+        """Positions [a, b) (0 <= a <= b <= total) as (shard, start, stop) runs in position order;
+        ``positions``: each run with the positions it holds, (shard, start, stop, ndarray)."""
+        out = _ranges(a, b, self.total, self.bounds, self.pieces)
+        if not positions:
+            return out
+        firsts = np.cumsum([a] + [r[2] - r[1] for r in out[:-1]])
+        return [(*r, np.arange(p, p + r[2] - r[1])) for r, p in zip(out, firsts.tolist())]
+
+
+class Remainder:
+    """What is left of an epoch after a checkpoint taken under another world size or number
+    of workers (``dlpipe.loaders.elastic``): sorted, disjoint intervals [starts, stops) of the
+    epoch order's positions, played in position order as a shorter epoch order of its own."""
+
+    def __init__(self, starts: np.ndarray, stops: np.ndarray) -> None:
+        self.starts = np.asarray(starts, np.int64)
+        self.stops = np.asarray(stops, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.stops - self.starts)]).astype(np.int64)
+        self.total = int(self.offsets[-1])
+
+    def spans(self, i: int, j: int) -> list[tuple[int, int, int]]:
+        """Indices [i, j) of this order (0 <= i <= j <= total) as (first index, position start,
+        position stop) runs."""
+        out = []
+        k = int(np.searchsorted(self.offsets, i, "right")) - 1
+        while i < j:
+            take = min(j, int(self.offsets[k + 1])) - i
+            p = int(self.starts[k]) + i - int(self.offsets[k])
+            out.append((i, p, p + take))
+            i += take
+            k += 1
+        return out
+
+
+def stage_spans(remainder: Remainder | None, total: int, i: int, j: int) -> list[tuple[int, int, int]]:
+    """Indices [i, j) of an epoch's stage order (may pass its length: those wrap around, as
+    ``rank_share`` pads) as (first index, position start, position stop) runs of the epoch order.
+    Without a ``remainder`` index and position are the same."""
+    out = []
+    while i < j:
+        k = i % total
+        take = min(j - i, total - k)
+        out.extend([(k, k, k + take)] if remainder is None else remainder.spans(k, k + take))
+        i += take
+    return out
+
+
 def epoch_windows(
-    shard_sizes: Sequence[int],
+    shard_sizes: Sequence[int] | PieceOrder | Any,
     *,
     batch_size: int,
     world_size: int = 1,
@@ -227,16 +287,27 @@ def epoch_windows(
     drop_last: bool = False,
     uneven: str = "pad",
     block_records: int | None = None,
+    remainder: Remainder | None = None,
+    indices: bool = False,
 ) -> list[Window]:
-    """This rank's windows for one epoch (see the module docstring). A window of blocks has its
-    ranges in shard and record order, touching ones merged, so it is read with one decode call
-    per shard; its records are permuted anyway (``window_batches``)."""
+    """This rank's windows for one epoch (see the module docstring). ``shard_sizes`` may be an
+    epoch order instead (``PieceOrder``, or a mixture's, ``loaders.mixture.MixedOrder``; then
+    ``shuffle``/``seed``/``block_records`` are its business). A window of blocks has its ranges
+    in shard and record order, touching ones merged, so it is read with one decode call per
+    shard; its records are permuted anyway (``window_batches``).
+
+    ``remainder``: play only what a checkpoint under another topology left of the epoch
+    (``loaders.elastic``). ``indices``: each window also gets ``indices``, the stage index of
+    each of its records in the order they are read (what ``loaders.elastic`` counts)."""
     if batch_size < 1 or window_batches < 1:
         raise ConfigError(f"batch_size={batch_size} and window_batches={window_batches} must be >= 1")
-    arrays = epoch_pieces(shard_sizes, shuffle=shuffle, seed=seed, epoch=epoch, block_records=block_records)
-    bounds = [0, *np.cumsum(arrays[2] - arrays[1]).tolist()]
-    pieces = tuple(x.tolist() for x in arrays)
-    total = bounds[-1]
+    order = shard_sizes
+    if not hasattr(order, "ranges"):
+        arrays = epoch_pieces(shard_sizes, shuffle=shuffle, seed=seed, epoch=epoch, block_records=block_records)
+        order = PieceOrder(arrays, sort=bool(shuffle and block_records))
+    total = order.total if remainder is None else remainder.total
+    if total == 0:
+        return []
     lo, hi = rank_share(total, world_size, rank, uneven)
     count = hi - lo
     if drop_last:
@@ -245,10 +316,23 @@ def epoch_windows(
     windows = []
     for w, a in enumerate(range(0, count, window)):
         b = min(count, a + window)
-        ranges = _ranges(lo + a, lo + b, total, bounds, pieces)
-        if shuffle and block_records:
-            ranges = _merged(sorted(ranges))
-        windows.append(Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size)))
+        spans = stage_spans(remainder, total, lo + a, lo + b)
+        if indices:
+            runs = [(*r[:3], r[3] - p + k) for k, p, q in spans for r in order.ranges(p, q, positions=True)]
+            if order.sort:
+                runs.sort(key=lambda r: r[:3])
+            ranges = [r[:3] for r in runs]
+            idx = np.concatenate([r[3] for r in runs]) if runs else np.zeros(0, np.int64)
+        else:
+            ranges = [r for _, p, q in spans for r in order.ranges(p, q)]
+            if order.sort:
+                ranges.sort()
+        if order.sort:
+            ranges = _merged(ranges)
+        made = Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size))
+        if indices:
+            object.__setattr__(made, "indices", idx)
+        windows.append(made)
     return windows
 
 

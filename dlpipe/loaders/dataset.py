@@ -15,6 +15,7 @@ imported only when ``to_tf_dataset`` / ``to_torch_dataloader`` is called.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,7 +25,14 @@ import numpy as np
 
 from dlpipe.defaults import SHUFFLE_BUFFER
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import epoch_windows, shuffle_block_records, window_batches
+from dlpipe.loaders.common import (
+    PieceOrder,
+    Window,
+    epoch_pieces,
+    epoch_windows,
+    shuffle_block_records,
+    window_batches,
+)
 from dlpipe.loaders.options import ShuffleConfig
 from dlpipe.loaders.remote import DEFAULT_PREFETCH_BYTES, DEFAULT_REQUEST_BYTES
 from dlpipe.loaders.shard_reader import ShardReader
@@ -84,6 +92,15 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies this split's records: a hash of its shards' SHA-256 (a checkpoint
+        resumes only the dataset it was saved from)."""
+        h = hashlib.sha256(self.split.encode())
+        for s in self.shards:
+            h.update(s.sha256.encode())
+        return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
         return (f"ShardDataset(split={self.split!r}, num_rows={self.num_rows}, num_shards={self.num_shards}, "
@@ -147,6 +164,20 @@ class ShardDataset:
         return shuffle_block_records(self.num_rows, min_bytes=BLOCK_REQUEST_BYTES if per_request else 0,
                                      bytes_per_record=nbytes / max(self.num_rows, 1))
 
+    # -- the epoch plan (``loaders.common``): the one way every loader orders an epoch
+    def epoch_order(self, *, shuffle: bool, seed: int, epoch: int, block_records: int | None) -> PieceOrder:
+        """The records of ``epoch`` in reading order (pieces of the split, ``epoch_pieces``)."""
+        arrays = epoch_pieces([s.num_records for s in self.shards], shuffle=shuffle, seed=seed, epoch=epoch,
+                              block_records=block_records)
+        return PieceOrder(arrays, sort=bool(shuffle and block_records))
+
+    def plan_windows(self, *, batch_size: int, epoch: int, shuffle: bool, seed: int,
+                     block_records: int | None, **kwargs: Any) -> list[Window]:
+        """One rank's windows of ``epoch`` (``loaders.common.epoch_windows``; ``kwargs``: its
+        world, window and remainder arguments)."""
+        order = self.epoch_order(shuffle=shuffle, seed=seed, epoch=epoch, block_records=block_records)
+        return epoch_windows(order, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch, **kwargs)
+
     def set_epoch(self, epoch: int) -> None:
         """As ``datasets.IterableDataset.set_epoch``: reshuffles with seed + epoch."""
         self.epoch = int(epoch)
@@ -184,9 +215,9 @@ class ShardDataset:
     def _records(self) -> Iterator[dict[str, np.ndarray]]:
         reader = self.reader()
         enc = reader.encodings
-        windows = epoch_windows([s.num_records for s in self.shards], batch_size=1,
-                                shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,
-                                window_batches=self.buffer_size, block_records=self.block_records)
+        windows = self.plan_windows(batch_size=1, shuffle=self.shuffled, seed=self.shuffle_seed or 0,
+                                    epoch=self.epoch, window_batches=self.buffer_size,
+                                    block_records=self.block_records)
         for window, cols in zip(windows, read_windows(reader, self.shards, windows)):
             for rows in window_batches(window, None, batch_size=max(window.num_records, 1),
                                        shuffle=self.shuffled, seed=self.shuffle_seed or 0, epoch=self.epoch,

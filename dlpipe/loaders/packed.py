@@ -40,7 +40,7 @@ import numpy as np
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import Window, epoch_windows
+from dlpipe.loaders.common import Window
 from dlpipe.loaders.packing import (
     Batch,
     PackingOptions,
@@ -113,7 +113,7 @@ class PackedEpochs:
 
     def rank_windows(self, epoch: int, rank: int) -> list[Window]:
         """``rank``'s pack windows of ``epoch`` (``num_batches`` not yet counted)."""
-        return epoch_windows(self.sizes, batch_size=self.window_records, window_batches=1, world_size=self.world_size,
+        return self.ds.plan_windows(batch_size=self.window_records, window_batches=1, world_size=self.world_size,
                              rank=rank, shuffle=self.shuffle, seed=self.seed, epoch=epoch, uneven=self.uneven,
                              block_records=self.block_records)
 

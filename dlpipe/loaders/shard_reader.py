@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError, FormatError
 from dlpipe.formats import get_format
 from dlpipe.formats.base import Columns, shard_numbering
@@ -101,10 +102,19 @@ class ShardReader:
         self._buf: tuple[str, np.ndarray] | None = None  # the one decompressed shard kept
         self._maps: dict[str, np.ndarray] = {}  # memory maps of local uncompressed shards, LRU
         self._intact: set[str] = set()  # shards whose SHA-256 matched the manifest in this process
+        # a mixture's shards from datasets stored differently (``loaders.mixture``): per shard
+        # path, the encodings of these columns and the columns stored there
+        self.layouts: dict[str, tuple[dict[str, ColumnEncoding], tuple[str, ...]]] = {}
 
     def __getstate__(self):
         ready = {k: v for k, v in self._index.items() if isinstance(v, np.ndarray)}
         return {**self.__dict__, "_buf": None, "_maps": {}, "_index": ready}
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every shard stores these columns alike (serialized records of several shards
+        then decode in one call, and tf.data parses them with one spec)."""
+        return all(enc == self.encodings for enc, _ in self.layouts.values())
 
     @property
     def fetches(self) -> bool:
@@ -252,8 +262,8 @@ class ShardReader:
         buf, base, path, crc = self._bytes(unit, data)
         with shard_numbering(ranges, base):
             frames = [self._frames(unit.shard, a, b, buf, base, path) for a, b in ranges]
-            return self.format.decode(buf, frames, self.encodings, path=path, check_crc=crc,
-                                      stored=tuple(self.info.columns))
+            encodings, stored = self.layouts.get(unit.shard.path, (self.encodings, tuple(self.info.columns)))
+            return self.format.decode(buf, frames, encodings, path=path, check_crc=crc, stored=stored)
 
     def payloads(self, unit: Fetch, data: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(buffer, starts, ends) of the serialized records ``[start, stop)`` (CRCs checked as in

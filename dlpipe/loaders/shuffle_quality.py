@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.loaders.common import buffer_batches, epoch_windows, window_batches
+from dlpipe.loaders.common import buffer_batches, window_batches
 
 __all__ = ["order_quality", "plan_order"]
 
@@ -46,7 +46,7 @@ def plan_order(ds: Any, batch_size: int, *, epoch: int = 0) -> np.ndarray:
     sizes = [s.num_records for s in ds.shards]
     cfg = ds.shuffle_config
     first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    windows = epoch_windows(sizes, batch_size=batch_size, shuffle=cfg.shuffled, seed=cfg.plan_seed,
+    windows = ds.plan_windows(batch_size=batch_size, shuffle=cfg.shuffled, seed=cfg.plan_seed,
                             epoch=epoch, window_batches=buffer_batches(cfg.buffer_size, batch_size),
                             block_records=cfg.block_records)
     out = []

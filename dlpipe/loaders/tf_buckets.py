@@ -56,7 +56,6 @@ from dlpipe.loaders.common import (
     BUCKET_WINDOW_BATCHES,
     bucket_window_draws,
     buffer_batches,
-    epoch_windows,
 )
 from dlpipe.loaders.windows import read_windows
 
@@ -83,7 +82,6 @@ def planned_bucket_batches(ds: Any, decoder: Any, batch_size: int, *, seed: int,
     ``decoder`` to pad. Each iteration of the dataset plays the next epoch (``ds.epoch``, then
     + 1, ...)."""
     reader, shards, config = ds.reader(), ds.shards, ds.shuffle_config
-    sizes = [s.num_records for s in shards]
     per_window = window_batch_count(config.buffer_size, batch_size)
     block_records = ds.block_records if shuffle else None
     epochs = itertools.count(config.epoch)
@@ -92,7 +90,7 @@ def planned_bucket_batches(ds: Any, decoder: Any, batch_size: int, *, seed: int,
     def windows() -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
         with lock:
             epoch = next(epochs)
-        plan = epoch_windows(sizes, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+        plan = ds.plan_windows(batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                              window_batches=per_window, drop_last=drop_remainder, world_size=world_size,
                              rank=rank, uneven=uneven, block_records=block_records)
         for window, (buf, starts, ends) in zip(plan, read_windows(reader, shards, plan, serialized=True)):

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe._deps import require
-from dlpipe.loaders.common import buffer_batches, epoch_windows, window_batches
+from dlpipe.loaders.common import buffer_batches, window_batches
 from dlpipe.loaders.windows import gather_bytes, read_windows
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
@@ -51,7 +51,6 @@ def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool
     rank=rank)`` makes them (ranks take equal record ranges of the epoch order, so any number of
     ranks works with any number of shards)."""
     reader, shards, config = ds.reader(), ds.shards, ds.shuffle_config
-    sizes = [s.num_records for s in shards]
     per_window = buffer_batches(config.buffer_size, batch_size)
     block_records = ds.block_records if shuffle else None
     epochs = itertools.count(config.epoch)
@@ -61,7 +60,7 @@ def planned_batches(ds: Any, batch_size: int, *, seed: int, drop_remainder: bool
         """(bytes, record starts, record lengths, batch size) of a run of equal-sized batches."""
         with lock:
             epoch = next(epochs)
-        windows = epoch_windows(sizes, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+        windows = ds.plan_windows(batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                 window_batches=per_window, drop_last=drop_remainder, world_size=world_size,
                                 rank=rank, uneven=uneven, block_records=block_records)
         pending: list[tuple[np.ndarray, np.ndarray]] = []

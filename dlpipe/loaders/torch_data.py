@@ -72,10 +72,10 @@ from dlpipe.loaders.common import (  # noqa: E402
     BUCKET_WINDOW_BATCHES,
     MASK,
     buffer_batches,
-    epoch_windows,
     window_batches,
     worker_windows,
 )
+from dlpipe.loaders.elastic import epoch_remainder  # noqa: E402
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
 from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs, refuse_collate_fn  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
@@ -178,7 +178,8 @@ class ShardIterableDataset(IterableDataset):
         epoch = self.shuffle_config.epoch
         self._epoch = torch.tensor(epoch, dtype=torch.int64).share_memory_()
         self._reader = self.source.reader()
-        self._resume: dict[str, int] | None = None
+        self._resume: dict[str, Any] | None = None
+        self._remainder: tuple[Any, Any] | None = None  # (key, common.Remainder) of an elastic resume
         self._progress = {"epoch": epoch, "batches_yielded": 0, "worker": 0, "num_workers": 1}
         # set by dlpipe's loaders, whose iterators re-raise WorkerError batches and turn numpy
         # batches from workers into tensors (see ``torch_batches``)
@@ -217,28 +218,62 @@ class ShardIterableDataset(IterableDataset):
             "rank": self.rank,
             "uneven": self.uneven,
             "packing": None if self.packer is None else self.packer.settings(),
+            "dataset": self.source.fingerprint,
         }
 
-    def windows(self, epoch: int | None = None):
-        """This rank's windows of ``epoch`` (default: the current one)."""
+    def windows(self, epoch: int | None = None, stages: Sequence[dict[str, int]] = ()):
+        """This rank's windows of ``epoch`` (default: the current one); after ``stages`` (an
+        elastic resume, ``loaders.elastic``) only what they left of it."""
+        epoch = self.epoch if epoch is None else epoch
         if self.packer is not None:
-            return self.packer.windows(self.epoch if epoch is None else epoch)
-        return epoch_windows(
-            [s.num_records for s in self.source.shards],
+            return self.packer.windows(epoch)
+        remainder = self.remainder(epoch, stages) if stages else None
+        return self._plan(epoch, self.world_size, self.rank, remainder)
+
+    def _plan(self, epoch: int, world_size: int, rank: int, remainder: Any, indices: bool = False):
+        return self.source.plan_windows(
             batch_size=self.batch_size,
-            world_size=self.world_size,
-            rank=self.rank,
+            world_size=world_size,
+            rank=rank,
             shuffle=self.shuffle,
             seed=self.seed,
-            epoch=self.epoch if epoch is None else epoch,
+            epoch=epoch,
             window_batches=self.window_batches,
             drop_last=self.drop_last,
             uneven=self.uneven,
             block_records=self.block_records,
+            remainder=remainder,
+            indices=indices,
         )
 
+    def remainder(self, epoch: int, stages: Sequence[dict[str, int]]):
+        """What ``stages`` left of ``epoch`` (``loaders.elastic``), kept for the last one asked."""
+        key = (epoch, tuple(tuple(sorted(s.items())) for s in stages))
+        if self._remainder is None or self._remainder[0] != key:
+            total = self.source.epoch_order(shuffle=self.shuffle, seed=self.seed, epoch=epoch,
+                                            block_records=self.block_records).total
+            plan = lambda world, rank, rest: self._plan(epoch, world, rank, rest, indices=True)  # noqa: E731
+            rest = epoch_remainder(plan, total, stages, batch_size=self.batch_size, shuffle=self.shuffle,
+                                   seed=self.seed, epoch=epoch)
+            self._remainder = (key, rest)
+        return self._remainder[1]
+
+    def check_elastic(self, saved: dict[str, int]) -> None:
+        """Refuse an elastic resume (from ``saved``'s world size and workers) where the batches
+        of a part-read window are not a function of the plan alone."""
+        why = "packing" if self.packer is not None else "bucket_boundaries" if self.boundaries is not None else None
+        if why:
+            raise ConfigError(
+                f"this state was saved with world_size={saved['world_size']}, num_workers={saved['num_workers']}; "
+                f"resuming under world_size={self.world_size} with {why} needs the same world size and "
+                "num_workers (elastic resume supports padded batches without it)")
+
+    def num_batches(self, epoch: int, stages: Sequence[dict[str, int]] = ()) -> int:
+        """Batches this rank plays in ``epoch`` (after ``stages``: in what they left)."""
+        return sum(w.num_batches for w in self.windows(epoch, stages))
+
     def __len__(self) -> int:
-        return sum(w.num_batches for w in self.windows())
+        return self.num_batches(self.epoch)
 
     @property
     def reader(self) -> ShardReader:
@@ -254,8 +289,8 @@ class ShardIterableDataset(IterableDataset):
         """Make the next iteration continue where ``state`` (from ``state_dict``) left off."""
         changed = [
             k
-            for k in PLAN_KEYS
-            if k in state and k != "num_workers" and state[k] != self.plan_settings()[k]
+            for k in (*PLAN_KEYS, "world_size", "rank")
+            if k in state and state[k] != self.plan_settings()[k]
         ]
         if changed:
             raise ConfigError(
@@ -275,9 +310,10 @@ class ShardIterableDataset(IterableDataset):
         num_workers, worker_id = (info.num_workers, info.id) if info is not None else (1, 0)
         epoch = self.epoch
         resume, self._resume = self._resume, None
-        windows = self.windows(epoch)
+        resumed = resume is not None and resume["epoch"] == epoch
+        windows = self.windows(epoch, resume.get("stages", ()) if resumed else ())
         role, skip = worker_id, 0  # role: which worker's share of the windows this one plays
-        if resume is not None and resume["epoch"] == epoch:
+        if resumed:
             if "worker_batches" in resume:
                 role, skip = resume["worker"] % num_workers, resume["worker_batches"]
             else:

@@ -47,21 +47,21 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, identity, numpy_to_tensors  # noqa: E402
 
-STATE_VERSION = 2  # 2: shuffled epochs permute blocks across the split (block_records)
+STATE_VERSION = 3  # 3: the dataset's fingerprint, and stages (elastic resume, loaders.elastic)
 # settings that shape the epoch plan: a checkpoint only resumes under the same ones
 PLAN_KEYS = (
+    "dataset",  # ShardDataset.fingerprint: which records (a mixture's: its sources and weights)
     "batch_size",
     "drop_last",
     "shuffle",
     "seed",
     "buffer_size",
     "block_records",
-    "world_size",
-    "rank",
     "uneven",
-    "num_workers",
     "packing",  # None, or dlpipe.loaders.packed.PackedEpochs.settings()
 )
+# where the loader runs: DlpipeDataLoader resumes under other ones (loaders.elastic)
+TOPOLOGY_KEYS = ("world_size", "rank", "num_workers")
 
 
 def resume_point(batches_per_worker: Sequence[int], consumed: int) -> tuple[list[int], int]:
@@ -269,6 +269,7 @@ class DlpipeDataLoader(DataLoader):
         kwargs.setdefault("collate_fn", identity)
         super().__init__(dataset, batch_size=None, **kwargs)
         self._batches_yielded = 0
+        self._stages: list[dict[str, int]] = []  # earlier topologies of this epoch (loaders.elastic)
         # weak: the iterator refers to the loader, and a reference cycle would leave a dropped
         # iterator's workers to the garbage collector, which cannot shut them down cleanly
         self._active: weakref.ref[LoaderIterator] | None = None
@@ -276,6 +277,7 @@ class DlpipeDataLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != self.dataset.epoch:
             self._batches_yielded = 0
+            self._stages = []
         self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> LoaderIterator:  # type: ignore[override]
@@ -286,11 +288,13 @@ class DlpipeDataLoader(DataLoader):
             self._iterator._shutdown_workers()
             self._iterator = None
         self._batches_yielded = pending.get("batches_yielded", 0) if pending else 0
+        self._stages = list(pending.get("stages", [])) if pending else []
+        length = self.dataset.num_batches(self.dataset.epoch, self._stages)
         inner = super().__iter__()
         self.dataset._resume = None  # workers (or the main-process iterator) took their copy
         it = LoaderIterator(
             inner,
-            len(self.dataset),
+            length,
             pin_memory=self.pin_memory,
             on_batch=self._count,
             on_failure=self._worker_failed,
@@ -316,29 +320,45 @@ class DlpipeDataLoader(DataLoader):
             "version": STATE_VERSION,
             "epoch": ds.epoch,
             "batches_yielded": self._batches_yielded,
+            "stages": [dict(s) for s in self._stages],
             **ds.plan_settings(),
             "num_workers": self.num_workers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved epoch with its next batch. The state may come from another world
+        size or number of workers (every rank of the new job loads rank 0's state): the rest of
+        the epoch is then split anew, each remaining record once (``loaders.elastic``)."""
         ds = self.dataset
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(
+                f"this loader state has version {state.get('version')!r}; this dlpipe reads version "
+                f"{STATE_VERSION}: start the epoch again (loader.set_epoch(epoch)) instead of resuming it"
+            )
         mine = {**ds.plan_settings(), "num_workers": self.num_workers}
         changed = {k: (state.get(k), mine[k]) for k in PLAN_KEYS if state.get(k) != mine[k]}
         if changed:
             what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            why = "another dataset" if "dataset" in changed else "other loader settings"
             raise ConfigError(
-                f"cannot resume this checkpoint under other loader settings ({what}); "
-                "the epoch plan depends on them"
+                f"cannot resume this checkpoint: it was saved from {why} ({what}); the epoch plan depends on them"
             )
-        total = len(ds)
+        stages = [dict(s) for s in state.get("stages", [])]
         consumed = int(state["batches_yielded"])
+        saved = {k: int(state[k]) for k in ("world_size", "num_workers")}
+        if saved != {"world_size": mine["world_size"], "num_workers": self.num_workers}:
+            ds.check_elastic(saved)
+            stages.append({**saved, "batches_yielded": consumed})
+            consumed = 0
+        total = ds.num_batches(int(state["epoch"]), stages)
         if not 0 <= consumed <= total:
             raise ConfigError(
                 f"batches_yielded={consumed} is outside this epoch's 0..{total} batches"
             )
         ds.set_epoch(state["epoch"])
-        ds._resume = {"epoch": int(state["epoch"]), "batches_yielded": consumed}
+        ds._resume = {"epoch": int(state["epoch"]), "batches_yielded": consumed, "stages": stages}
         self._batches_yielded = consumed
+        self._stages = stages
 
 
 def stateful_loader_class() -> type:

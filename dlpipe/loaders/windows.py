@@ -28,7 +28,7 @@ def read_windows(reader: ShardReader, shards: Sequence[ShardInfo], windows: Iter
     ``reader.serialized`` (for tf.data, which parses them itself)."""
     # a TFRecord window of blocks from several shards is gathered and decoded in one call (a
     # decode costs ~0.4 ms whatever its size: per shard, 8 shards made shuffled reads 3.4x slower)
-    together = reader.format.supports_serialized
+    together = reader.format.supports_serialized and reader.uniform
     windows = list(windows)
     units = reader.plan(shards, (r for w in windows for r in w.ranges))
     reader.load_indexes(shards[s] for s in dict.fromkeys(s for w in windows for s, _, _ in w.ranges))

@@ -147,11 +147,11 @@ def _plan_shuffle_stage(cfg: BenchConfig, n: int, reps: int) -> StageMeasurement
     """The shuffled loader's own shuffle work: each window's record permutation and the gather
     of its batches' serialized records (windows read beforehand)."""
     import dlpipe
-    from dlpipe.loaders.common import buffer_batches, epoch_windows, window_batches
+    from dlpipe.loaders.common import buffer_batches, window_batches
     from dlpipe.loaders.windows import gather_bytes, read_windows
 
     ds = dlpipe.load_dataset(cfg.data, cfg.split)
-    windows = epoch_windows([s.num_records for s in ds.shards], batch_size=cfg.batch_size, shuffle=True,
+    windows = ds.plan_windows(batch_size=cfg.batch_size, shuffle=True, epoch=0,
                             seed=cfg.seed, window_batches=buffer_batches(ds.buffer_size, cfg.batch_size),
                             world_size=cfg.world_size, rank=cfg.rank, block_records=ds.block_records)  # fmt: skip
     todo, total = [], 0
