@@ -204,26 +204,19 @@ class MixedDataset(ShardDataset):
         reader = super().reader()
         if not reader.layouts:
             for s in self.sources:
-                layout = ({c: s.info.columns[c] for c in self.columns}, tuple(s.info.columns))
+                layout = ({c: s.info.columns[c] for c in self.columns}, dict(s.info.columns))
                 reader.layouts.update({_absolute(s.info, sh.path): layout for sh in s.shards})
         return reader
 
     def to_tf_dataset(self, *args, **kwargs):
         if not self.reader().uniform:
-            differ = [c for c in self.columns if len({s.info.columns[c] for s in self.sources}) > 1]
+            stored = {c for s in self.sources for c in s.info.columns}
+            differ = sorted(c for c in stored if len({s.info.columns.get(c) for s in self.sources}) > 1)
             raise ConfigError(
                 f"the mixture's sources store {', '.join(map(repr, differ))} differently (value ranges pick the "
                 "narrowest dtype per dataset), and tf.data parses one layout: reshard every source with "
                 "--int-encoding int64_list (one layout for all), or read the mixture with to_torch_dataloader")
         return super().to_tf_dataset(*args, **kwargs)
-
-    def plan_windows(self, *, batch_size: int, epoch: int, shuffle: bool, seed: int,
-                     block_records: int | None, **kwargs: Any):
-        if kwargs.get("world_size", 1) > 1 and not self.mix_seed_given:
-            raise ConfigError(f"a mixture over world_size={kwargs['world_size']} ranks with seed=None; every rank "
-                              "needs the same draws: pass interleave_datasets(..., seed=...)")
-        return super().plan_windows(batch_size=batch_size, epoch=epoch, shuffle=shuffle, seed=seed,
-                                    block_records=block_records, **kwargs)
 
     def epoch_order(self, *, shuffle: bool, seed: int, epoch: int, block_records: int | None) -> MixedOrder:
         """The mixed order of ``epoch`` (cached: the last few epochs asked)."""

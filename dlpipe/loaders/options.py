@@ -290,6 +290,9 @@ def resolve_shuffle(ds: Any, options: LoaderOptions) -> tuple[Any, ShuffleConfig
     if newly or (config.shuffled and options.seed is not None):  # (re)seeded with options.seed
         ds = ds.shuffle(options.seed, config.buffer_size, block_records=config.block_records)
         config = ds.shuffle_config
+    if (options.world_size or 1) > 1 and getattr(ds, "mix_seed_given", True) is False:
+        raise ConfigError(f"a weighted mixture across world_size={options.world_size} ranks with seed=None; every "
+                          "rank needs the same draws: pass interleave_datasets(..., seed=...)")
     if config.shuffled and (options.world_size or 1) > 1 and not config.seed_given:
         raise ConfigError(f"shuffle across world_size={options.world_size} ranks with seed=None; every "
                           "rank needs the same seed: pass seed=... (or ds.shuffle(seed=...))")

@@ -102,9 +102,9 @@ class ShardReader:
         self._buf: tuple[str, np.ndarray] | None = None  # the one decompressed shard kept
         self._maps: dict[str, np.ndarray] = {}  # memory maps of local uncompressed shards, LRU
         self._intact: set[str] = set()  # shards whose SHA-256 matched the manifest in this process
-        # a mixture's shards from datasets stored differently (``loaders.mixture``): per shard
-        # path, the encodings of these columns and the columns stored there
-        self.layouts: dict[str, tuple[dict[str, ColumnEncoding], tuple[str, ...]]] = {}
+        # a mixture's shards from several datasets (``loaders.mixture``): per shard path, the
+        # encodings of these columns and of every column stored there
+        self.layouts: dict[str, tuple[dict[str, ColumnEncoding], dict[str, ColumnEncoding]]] = {}
 
     def __getstate__(self):
         ready = {k: v for k, v in self._index.items() if isinstance(v, np.ndarray)}
@@ -112,9 +112,10 @@ class ShardReader:
 
     @property
     def uniform(self) -> bool:
-        """Whether every shard stores these columns alike (serialized records of several shards
+        """Whether every shard stores its columns alike (serialized records of several shards
         then decode in one call, and tf.data parses them with one spec)."""
-        return all(enc == self.encodings for enc, _ in self.layouts.values())
+        return len({tuple(sorted(stored.items())) for _, stored in self.layouts.values()}) <= 1 and all(
+            enc == self.encodings for enc, _ in self.layouts.values())
 
     @property
     def fetches(self) -> bool:
@@ -262,8 +263,8 @@ class ShardReader:
         buf, base, path, crc = self._bytes(unit, data)
         with shard_numbering(ranges, base):
             frames = [self._frames(unit.shard, a, b, buf, base, path) for a, b in ranges]
-            encodings, stored = self.layouts.get(unit.shard.path, (self.encodings, tuple(self.info.columns)))
-            return self.format.decode(buf, frames, encodings, path=path, check_crc=crc, stored=stored)
+            encodings, stored = self.layouts.get(unit.shard.path, (self.encodings, self.info.columns))
+            return self.format.decode(buf, frames, encodings, path=path, check_crc=crc, stored=tuple(stored))
 
     def payloads(self, unit: Fetch, data: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(buffer, starts, ends) of the serialized records ``[start, stop)`` (CRCs checked as in
