@@ -1,11 +1,12 @@
 """What a PyTorch loader worker yields and how the main process takes it.
 
 A batch is padded with numpy (``common.collate``, under the loader's ``LoaderOptions``) or made
-by the user's per-record ``collate_fn``. A worker sends a dict batch of up to ``PIPE_BYTES`` as
-numpy arrays, pickled through the result pipe: for small batches that is ~8x faster than
-tensors, each of which PyTorch moves into its own shared-memory segment and passes as a file
-descriptor; bigger batches go as tensors. The loaders' iterators turn numpy batches into tensors
-(``numpy_to_tensors``) and re-raise a ``WorkerError`` batch as the worker's own exception.
+by the user's per-record ``collate_fn``. A worker sends a dict batch of numpy arrays through its
+ring of reused shared-memory buffers (``torch_shm``: the main process makes tensors of it in
+O(1)); when the ring is full (the user holds many batches) a batch of up to ``PIPE_BYTES`` goes
+pickled through the result pipe, a bigger one as tensors (each of which PyTorch moves into its
+own shared-memory segment). The loaders' iterators turn ring and numpy batches into tensors
+and re-raise a ``WorkerError`` batch as the worker's own exception.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import DlpipeError
 from dlpipe.loaders.common import Ragged, collate, take_rows
 from dlpipe.loaders.options import LoaderOptions
+from dlpipe.loaders.torch_shm import to_slot
 from dlpipe.loaders.transforms import Transform, apply_transforms, collate_records
 
 torch = require("torch", "dlpipe's PyTorch loader")
@@ -113,10 +115,15 @@ def make_batch(
 
 
 def transport(out: Any, in_worker: bool) -> Any:
-    """A dict batch of numpy arrays as it leaves the dataset: as it is when small and
-    ``in_worker``, else as tensors (see the module docstring)."""
+    """A dict batch of numpy arrays as it leaves the dataset: in a worker, through the worker's
+    shared-memory ring (``torch_shm``), or when that is full pickled (small) or as tensors;
+    in the main process as tensors (see the module docstring)."""
     if not isinstance(out, dict):
         return out
+    if in_worker:
+        sent = to_slot(out)
+        if sent is not None:
+            return sent
     if in_worker and sum(v.nbytes for v in out.values() if isinstance(v, np.ndarray)) <= PIPE_BYTES:
         return out  # pickled through the pipe; the loader's iterator makes the tensors
     return numpy_to_tensors(out)

@@ -46,6 +46,7 @@ torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, identity, numpy_to_tensors  # noqa: E402
+from dlpipe.loaders.torch_shm import Receiver, SlotBatch  # noqa: E402
 
 STATE_VERSION = 3  # 3: the dataset's fingerprint, and stages (elastic resume, loaders.elastic)
 # settings that shape the epoch plan: a checkpoint only resumes under the same ones
@@ -115,8 +116,11 @@ class LoaderIterator:
         on_failure: Callable[[Any], None] | None = None,
         epoch: int = 0,
         first: int = 0,
+        receiver: Receiver | None = None,
     ) -> None:
         self._inner = inner
+        self._receiver = receiver if receiver is not None else Receiver()
+        self._receiver.keep_only({w.pid for w in getattr(inner, "_workers", None) or []})
         self._len = length
         self._pin = pin_memory and torch.cuda.is_available()
         self._on_batch = on_batch
@@ -150,12 +154,16 @@ class LoaderIterator:
         self._waiting = time.monotonic()
         try:
             batch = next(self._inner)
-            if isinstance(batch, dict):
+            if isinstance(batch, SlotBatch):
+                batch = self._receiver.take(batch, self._pin)
+            elif isinstance(batch, dict):
                 batch = numpy_to_tensors(batch, self._pin)
             elif isinstance(batch, WorkerError):
                 error, batch = batch, None
                 error.reraise()
-        except RuntimeError as e:
+        except (RuntimeError, ConnectionError, EOFError) as e:
+            # a worker that dies while the main process fetches a new shared-memory buffer from
+            # it (torch_shm) shows as a reset connection rather than PyTorch's RuntimeError
             failure = self._worker_failure(e)
             if failure is None:
                 raise
@@ -170,14 +178,22 @@ class LoaderIterator:
             self._on_batch(self)
         return batch
 
-    def _worker_failure(self, error: RuntimeError) -> LoaderWorkerError | None:
+    def _worker_failure(self, error: Exception) -> LoaderWorkerError | None:
         """LoaderWorkerError when ``error`` came from a dead (or, on timeout, silent) worker;
-        the workers are stopped first. None for any other RuntimeError."""
+        the workers are stopped first. None for any other error."""
         dead = self._dead_workers()
+        waited = time.monotonic()
+        while not dead and not isinstance(error, RuntimeError) and time.monotonic() - waited < 2.0:
+            try:
+                time.sleep(0.01)  # the connection closes as the process exits: reaped soon after
+            except RuntimeError:  # SIGCHLD: PyTorch's handler (or dlpipe's) saw the death too
+                pass
+            dead = self._dead_workers()
         timed_out = str(error).startswith("DataLoader timed out")
         if not dead and not timed_out:
             return None
         stop_workers(self._inner)
+        self._receiver.keep_only(set())  # the rings go; names the dead worker left are removed
         self._inner._dlpipe_failed = True
         if self._on_failure is not None:
             self._on_failure(self._inner)
@@ -270,6 +286,7 @@ class DlpipeDataLoader(DataLoader):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._batches_yielded = 0
         self._stages: list[dict[str, int]] = []  # earlier topologies of this epoch (loaders.elastic)
+        self._receiver = Receiver()  # the workers' shared-memory rings (persistent workers keep theirs)
         # weak: the iterator refers to the loader, and a reference cycle would leave a dropped
         # iterator's workers to the garbage collector, which cannot shut them down cleanly
         self._active: weakref.ref[LoaderIterator] | None = None
@@ -300,6 +317,7 @@ class DlpipeDataLoader(DataLoader):
             on_failure=self._worker_failed,
             epoch=self.dataset.epoch,
             first=self._batches_yielded,
+            receiver=self._receiver,
         )
         self._active = weakref.ref(it)
         return it
@@ -373,6 +391,7 @@ def stateful_loader_class() -> type:
             def __init__(self, dataset, **kwargs: Any) -> None:
                 kwargs.setdefault("collate_fn", identity)
                 super().__init__(dataset, batch_size=None, **kwargs)
+                self._receiver = Receiver()
 
             def set_epoch(self, epoch: int) -> None:
                 # a loaded state of another epoch is dropped, as DlpipeDataLoader drops it: a
@@ -393,6 +412,7 @@ def stateful_loader_class() -> type:
                     pin_memory=self.pin_memory,
                     epoch=self.dataset.epoch,
                     first=getattr(inner, "_num_yielded", 0),
+                    receiver=self._receiver,
                 )
 
         _STATEFUL = DlpipeStatefulDataLoader
