@@ -54,21 +54,23 @@ def drive(
     *wall* runs from its first timed fetch to the end of its last step. ``depth(stream)`` (if
     given) samples the loader's ready batches before each fetch. Returns per repeat
     ``samples``, ``tokens``, ``computed`` (tokens), ``wall`` and the three rates; ``wait_s``, ``compute_s`` and
-    ``queue`` (None without ``depth`` samples) of the last repeat."""
+    ``queue`` (None without ``depth`` samples) of the last repeat, and ``fetch_cpu_s``: the main
+    thread's CPU time in each fetch (what taking a batch costs the process that trains)."""
     keys = ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "samples", "tokens", "computed", "wall")
     out: dict[str, Any] = {k: [] for k in keys}
     for r in range(repeats):
         stream = make_stream(r)
         for _ in range(warmup):
             step(fetch(stream)[0])
-        wait, comp, queue = [], [], []
+        wait, comp, queue, cpu = [], [], [], []
         samples = tokens = padded = 0
         start = time.perf_counter()
         for _ in range(steps):
             ready = depth(stream) if depth is not None else None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             batch, host = fetch(stream)
             t1 = time.perf_counter()
+            cpu.append(time.thread_time() - c0)
             step(batch)
             t2 = time.perf_counter()
             wait.append(t1 - t0)
@@ -84,7 +86,7 @@ def drive(
         out["samples_per_s"].append(samples / wall)
         out["tokens_per_s"].append(tokens / wall)
         out["padded_tokens_per_s"].append(padded / wall)
-        out.update(wait_s=wait, compute_s=comp, queue=queue or None)
+        out.update(wait_s=wait, compute_s=comp, queue=queue or None, fetch_cpu_s=cpu)
     return out
 
 

@@ -100,6 +100,9 @@ def _pipeline_notes(run: dict, stages: list[StageMeasurement], notes: list[str])
     """Token efficiency and the prefetch queue; the queue's samples go on the "batch" stage,
     the buffer they describe, so the ledger reports its depth."""
     notes.append(f"pipeline: real tokens are {efficiency(run) or 0:.0%} of the tokens the model computes")
+    if run.get("fetch_cpu_s"):
+        notes.append(f"main process: {np.median(run['fetch_cpu_s']) * 1e6:.0f} µs of CPU per batch to take it from "
+                     "the loader (median; with workers: receiving it, dlpipe.loaders.torch_shm)")
     if run["queue"] is None:
         notes.append("queue depth: none (num_workers=0 makes each batch on demand in this process)")
         return
