@@ -76,12 +76,15 @@ def run_save_load_state(
     how: SaveLoad = STATE_DICT,
     prepare: Callable[[Any], None] | None = None,
     key: Callable[[Any], Any] = plain,
+    restore_into: Callable[[], Any] | None = None,
 ) -> list[Any]:
     """Check ``make()``'s objects resume exactly after each k in ``stops`` (module docstring).
 
     ``prepare(obj)`` runs on every object just before it is iterated (so after ``load_state_dict``,
     where a training loop calls ``set_epoch``). ``key`` maps an item to what is compared.
-    Returns the uninterrupted run's keys.
+    ``restore_into()`` makes the fresh object the state is loaded into (default ``make()``): e.g. a
+    never iterated one, where ``make()`` gives one already iterated once (a checkpoint taken in
+    its second epoch). Returns the uninterrupted run's keys.
     """
 
     def start(obj: Any) -> Iterator[Any]:
@@ -98,7 +101,7 @@ def run_save_load_state(
         state = how.save(obj, it)
         assert head + [key(x) for x in it] == full, f"saving after {k} items changed the stream"
         del it
-        other = make()
+        other = (restore_into or make)()
         rest = [key(x) for x in how.resume(other, state, lambda o=other: start(o))]
         assert len(head + rest) == len(full), (
             f"resumed after {k} items: {len(head + rest)} items, uninterrupted {len(full)}"

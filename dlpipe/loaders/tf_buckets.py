@@ -26,11 +26,12 @@ at batch 256; on a 100k-record epoch that is ~10% of the time; on long epochs it
 
 - **Planned** (a global shuffle, or a split over ranks; ``planned_bucket_batches``): windows
   come from the epoch plan through dlpipe's reader as in ``dlpipe.loaders.tf_plan``, one
-  ``from_generator`` element per window: its bytes as read, its records' offsets in the
-  permuted order and the full batches' order, both drawn by ``common.bucket_window_draws``
-  (numpy, the same draws as ``window_batches``). The batches equal ``to_torch_dataloader``'s
-  for the same arguments and seed, record for record and pad for pad. Not checkpointable
-  (``from_generator``), as the unbucketed planned path.
+  element per window: its bytes as read, its records' offsets in the permuted order and the
+  full batches' order, both drawn by ``common.bucket_window_draws`` (numpy, the same draws as
+  ``window_batches``). The batches equal ``to_torch_dataloader``'s for the same arguments and
+  seed, record for record and pad for pad. Windows are elements by number
+  (``tf_plan.PlannedEpochs``): read in parallel from local shards, and checkpointable with
+  ``tf.train.Checkpoint(iterator=...)`` as the unbucketed planned path.
 - **File order** (unshuffled, or compressed shards shuffled; ``file_order_bucket_batches``): the
   records as ``_records`` streams them (shards interleaved a block at a time, through the
   shuffle buffer when shuffled) are cut into windows of the same size (``rebatch``), the first
@@ -44,9 +45,7 @@ at batch 256; on a 100k-record epoch that is ~10% of the time; on long epochs it
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,10 +53,11 @@ import numpy as np
 from dlpipe._deps import require
 from dlpipe.loaders.common import (
     BUCKET_WINDOW_BATCHES,
+    Window,
     bucket_window_draws,
     buffer_batches,
 )
-from dlpipe.loaders.windows import read_windows
+from dlpipe.loaders.tf_plan import Element, PlannedEpochs
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
 
@@ -76,37 +76,39 @@ def window_batch_count(buffer_size: int, batch_size: int) -> int:
 
 def planned_bucket_batches(ds: Any, decoder: Any, batch_size: int, *, seed: int, shuffle: bool,
                            drop_remainder: bool, world_size: int = 1, rank: int = 0, uneven: str = "pad",
-                           parallel: int = -1, deterministic: bool = True) -> tf.data.Dataset:
+                           parallel: int = -1, deterministic: bool = True,
+                           then: Callable[[tf.data.Dataset], tf.data.Dataset] = lambda data: data,
+                           ) -> tf.data.Dataset:
     """The bucketed batches of ``ds``'s epochs for this rank, as ``to_torch_dataloader(...,
     bucket_boundaries=decoder.boundaries)`` makes them, each as ``parse_example`` output for
-    ``decoder`` to pad. Each iteration of the dataset plays the next epoch (``ds.epoch``, then
-    + 1, ...)."""
-    reader, shards, config = ds.reader(), ds.shards, ds.shuffle_config
+    ``decoder`` to pad, through ``then``. Each new iterator plays the next epoch (``ds.epoch``,
+    then + 1, ...); elements are windows by number (``tf_plan.PlannedEpochs``), so iterators can
+    be checkpointed."""
+    config = ds.shuffle_config
     per_window = window_batch_count(config.buffer_size, batch_size)
     block_records = ds.block_records if shuffle else None
-    epochs = itertools.count(config.epoch)
-    lock = threading.Lock()
 
-    def windows() -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
-        with lock:
-            epoch = next(epochs)
-        plan = ds.plan_windows(batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                             window_batches=per_window, drop_last=drop_remainder, world_size=world_size,
-                             rank=rank, uneven=uneven, block_records=block_records)
-        for window, (buf, starts, ends) in zip(plan, read_windows(reader, shards, plan, serialized=True)):
-            rows, order = bucket_window_draws(window, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                                              epoch=epoch, rank=rank)
-            # the window's bytes as read, cut in the permuted order by substr: reordering them
-            # in numpy first (gather_bytes: an index per byte) took 2/3 of this generator's time
-            yield np.asarray(buf).tobytes(), starts[rows], (ends - starts)[rows], order
+    def plan(epoch: int) -> list[Window]:
+        return ds.plan_windows(batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                               window_batches=per_window, drop_last=drop_remainder, world_size=world_size,
+                               rank=rank, uneven=uneven, block_records=block_records)
+
+    def make(epoch: int, element: Element, windows: Sequence[Window], reads: list[Any]) -> tuple:
+        (window,), ((buf, starts, ends),) = windows, reads
+        rows, order = bucket_window_draws(window, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                          epoch=epoch, rank=rank)
+        # the window's bytes as read, cut in the permuted order by substr: reordering them
+        # in numpy first (gather_bytes: an index per byte) took 2/3 of the Python time
+        return np.asarray(buf).tobytes(), starts[rows], (ends - starts)[rows], order
 
     group = _grouper(decoder, batch_size, drop_remainder)
 
     def cut(chunk: tf.Tensor, starts: tf.Tensor, lengths: tf.Tensor, order: tf.Tensor) -> Any:
         return group(tf.strings.substr(chunk, starts, lengths), order)
 
-    data = tf.data.Dataset.from_generator(windows, output_signature=_SPEC)
-    return data.map(cut, num_parallel_calls=parallel, deterministic=deterministic).unbatch()
+    epochs = PlannedEpochs(ds, plan=plan, make=make, epoch=config.epoch)
+    return epochs.dataset(_SPEC, parallel=parallel, deterministic=deterministic, then=lambda data: then(
+        data.map(cut, num_parallel_calls=parallel, deterministic=deterministic).unbatch()))
 
 
 def file_order_bucket_batches(blocks: tf.data.Dataset, ds: Any, decoder: Any, batch_size: int, *,

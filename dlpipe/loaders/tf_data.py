@@ -26,11 +26,14 @@ is read through local cached copies or, without ``cache_dir``, through dlpipe's 
 feeding the same graph; ``dlpipe.loaders.tf_remote`` says how and why.
 
 **Checkpoints**: ``tf.train.Checkpoint(iterator=it)`` saves and restores an iterator's position
-in the pipelines that read files front to back (local or cached shards, unshuffled, or
-compressed and shuffled). The global shuffle and any split over ranks (the epoch plan,
-``tf_plan``), and remote shards without ``cache_dir`` (``tf_remote``), are fed by
-``from_generator``, which TensorFlow cannot save: writing the checkpoint raises
-``FailedPreconditionError`` ("PyFunc is stateful"); resume those by epoch (``ds.set_epoch``).
+(and, planned, its epoch), and an iterator of a dataset built again with the same arguments
+goes on with the batches an uninterrupted run gives next: in the pipelines that read files
+front to back (local or cached shards, unshuffled, or compressed and shuffled) and in those of
+the epoch plan (the global shuffle, any split over ranks, mixtures; ``tf_plan``: elements by
+number, local or remote). Only remote shards read front to back without ``cache_dir``
+(``tf_remote``, unshuffled or compressed) are fed by ``from_generator``, which TensorFlow
+cannot save: writing the checkpoint raises ``FailedPreconditionError`` ("PyFunc is
+stateful"); resume those by epoch (``ds.set_epoch``).
 
 A corrupt local shard is found before TensorFlow reads it: each file is checked once per
 process against the manifest's SHA-256 (dlpipe's reader does the same on the shuffled path), and
@@ -174,19 +177,29 @@ def to_tf_dataset(
 
     ds, shuffle_state = resolve_shuffle(ds, opts)  # one rule with PyTorch: unseeded = a random seed
     batch_size, drop_remainder = opts.batch_size, opts.drop_last
-    # shuffled shards that can be read from the middle, and any split over ranks, follow the
-    # epoch plan (a global shuffle; record ranges per rank)
-    planned = opts.world_size > 1 or (shuffle_state.shuffled and shuffle_state.block_records is not None)
+    # shuffled shards that can be read from the middle, any split over ranks and mixtures of
+    # datasets follow the epoch plan (a global shuffle; record ranges per rank; ds.plan_windows)
+    planned = (opts.world_size > 1 or (shuffle_state.shuffled and shuffle_state.block_records is not None)
+               or getattr(ds, "mixture", None) is not None)
     if deterministic is None:
         deterministic = True
     parallel = num_workers or tf.data.AUTOTUNE
     finish = _batch_fn(decoder, batch_size, collate_fn, collate_fn_args, features, labels)
+
+    def finished(data: tf.data.Dataset) -> tf.data.Dataset:
+        """Batches of serialized records (or parsed, bucketed) → the output structure, prefetched."""
+        data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
+        data = data.unbatch() if batch_size is None else data
+        return data.prefetch(tf.data.AUTOTUNE) if prefetch else data
+
+    # planned pipelines take ``finished`` inside: one epoch's pipeline whole, so that a checkpoint
+    # holds its epoch until the last batch (tf_plan.PlannedEpochs.dataset)
     if planned and boundaries is not None:  # whole batches, grouped by bucket per window (tf_buckets)
         files = []
         data = planned_bucket_batches(ds, decoder, batch_size, seed=shuffle_state.plan_seed,
                                       shuffle=shuffle_state.shuffled, drop_remainder=drop_remainder,
                                       world_size=opts.world_size, rank=opts.rank, uneven=opts.uneven,
-                                      parallel=parallel, deterministic=deterministic)
+                                      parallel=parallel, deterministic=deterministic, then=finished)
     elif planned:  # elements are whole batches already (of _CHUNK records when unbatched)
         from dlpipe.loaders.tf_plan import planned_batches
 
@@ -194,7 +207,8 @@ def to_tf_dataset(
         data = planned_batches(ds, batch_size or _CHUNK, seed=shuffle_state.plan_seed,
                                shuffle=shuffle_state.shuffled,
                                drop_remainder=drop_remainder and batch_size is not None,
-                               world_size=opts.world_size, rank=opts.rank, uneven=opts.uneven)
+                               world_size=opts.world_size, rank=opts.rank, uneven=opts.uneven,
+                               parallel=parallel, deterministic=deterministic, then=finished)
     else:
         files, open_file = _shard_files(ds, _COMPRESSION[info.compression])
         data = _records(
@@ -206,19 +220,15 @@ def to_tf_dataset(
             cycle_length=cycle_length,
             deterministic=deterministic,
         )
-    if batch_size is None:
-        if not planned:
+        if batch_size is None:
             data = data.rebatch(_CHUNK)
-        data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
-        data = data.unbatch()
-    else:
-        if boundaries is not None and not planned:  # grouped by bucket per window (tf_buckets)
+        elif boundaries is not None:  # grouped by bucket per window (tf_buckets)
             data = file_order_bucket_batches(data, ds, decoder, batch_size, shuffle_state=shuffle_state,
                                              drop_remainder=drop_remainder, parallel=parallel,
                                              deterministic=deterministic)
-        elif not planned:
+        else:
             data = data.rebatch(batch_size, drop_remainder=drop_remainder)
-        data = data.map(finish, num_parallel_calls=parallel, deterministic=deterministic)
+        data = finished(data)
 
     options = tf.data.Options()
     options.deterministic = deterministic
@@ -228,10 +238,12 @@ def to_tf_dataset(
     options.experimental_distribute.auto_shard_policy = (
         policy.FILE if native and len(files) >= _input_workers() else policy.DATA
     )
-    if native and not planned:  # checkpointable: the per-file SHA-256 check holds no state
+    if native or planned:  # checkpointable: the per-file SHA-256 check and the planned elements'
+        # Python calls (tf_plan.PlannedEpochs) hold no state a restored iterator needs
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-    data = data.with_options(options)
-    return data.prefetch(tf.data.AUTOTUNE) if prefetch else data
+    if planned:  # a prefetch TensorFlow adds after the epoch's flat_map would end it early (tf_plan)
+        options.experimental_optimization.inject_prefetch = False
+    return data.with_options(options)
 
 
 def _shard_files(ds: Any, compression: str) -> tuple[list[str], Callable[[tf.Tensor], tf.data.Dataset]]:

@@ -9,17 +9,17 @@ keys, dtypes and shapes: the loaded columns (variable ones ``[B, L, ...]``, per-
 is filled with empty rows), so Keras traces one graph.
 
 **Rows layout, TFRecord shards** (``_rows_in_graph``): only the plan runs in Python. Per pack
-window the generator plans the rows from the lengths table (``PackedEpochs.window_rows``, ~2 ms
-per 16k records; the table costs one pass over the packing column per process, in the first
-epoch) and yields the window's serialized records as read, with their starts and lengths in
-plan order, and the rows' record splits; a parallel ``map`` parses them (``BatchDecoder.ragged``)
-and lays the rows out with ragged ops, ``[k, B, L]`` per window, split by ``unbatch``. That
-took 100k DeepCAL-like records from 0.5x to ~0.9x the padded pipeline's samples/s (2 cores).
+window, a numbered element (``tf_plan.PlannedEpochs``) plans the rows from the lengths table
+(``PackedEpochs.window_rows``, ~2 ms per 16k records; the table costs one pass over the packing
+column per process, in the first epoch) and gives the window's serialized records as read,
+with their starts and lengths in plan order, and the rows' record splits; a parallel ``map``
+parses them (``BatchDecoder.ragged``) and lays the rows out with ragged ops, ``[k, B, L]`` per
+window, split by ``unbatch``. That took 100k DeepCAL-like records from 0.5x to ~0.9x the padded
+pipeline's samples/s (2 cores).
 
-**Flat layout, other formats**: the numpy batches themselves go through
-``tf.data.Dataset.from_generator``; it costs ~0.7 ms per element, so ``k`` batches travel as
-one element (``[k, B, L]``, or ragged runs for the flat layout) and ``unbatch`` splits them, as
-``dlpipe.loaders.tf_plan`` does.
+**Flat layout** (and rows from shards without serialized records): a window's numpy batches
+(``PackedEpochs.pack_window``) are one element (``[k, B, L]``, or ragged runs for the flat
+layout) that ``unbatch`` splits.
 
 Each new iteration of the dataset (each Keras epoch) plays the next epoch: ``ds.epoch``, then
 ``ds.epoch + 1``, ...
@@ -28,33 +28,28 @@ Structure as HF ``to_tf_dataset``: ``columns=None`` gives one dict of every key;
 ``columns``/``label_cols`` a ``(features, labels)`` split, where the packing keys always join
 the features (a packed batch means nothing without them; ``attention_mask`` does not exist).
 
-**Checkpoints.** A ``from_generator`` pipeline cannot be saved with ``tf.train.Checkpoint``
-(TensorFlow refuses: "PyFunc is stateful"). Resume by position instead: the stream is a pure
-function of (seed, epoch, rank), so ``ds.set_epoch(e)`` and ``.skip(n)`` of the dataset give
-exactly the batches after the n-th of epoch e (the skipped ones are packed again, not read
-from a checkpoint).
+**Checkpoints.** Elements are pack windows by number, as in ``dlpipe.loaders.tf_plan``:
+``tf.train.Checkpoint(iterator=it)`` saves an iterator's epoch and position, and an iterator of
+the dataset built again with the same arguments, restored from it, goes on with the batches an
+uninterrupted run gives next.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from dlpipe._deps import require
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import MASK
+from dlpipe.loaders.common import MASK, Window
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle
 from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs
 from dlpipe.loaders.tf_decode import BatchDecoder
-from dlpipe.loaders.windows import read_windows
+from dlpipe.loaders.tf_plan import Element, PlannedEpochs
 
 tf = require("tensorflow", "dlpipe's tf.data loader (to_tf_dataset)")
-
-CHUNK_TOKENS = 1 << 18  # tokens per generator element (~2k rows of 128): k batches each
 
 
 def packed_tf_dataset(ds: Any, opts: LoaderOptions, *, prefetch: bool = True) -> tf.data.Dataset:
@@ -75,79 +70,92 @@ def packed_tf_dataset(ds: Any, opts: LoaderOptions, *, prefetch: bool = True) ->
     ds, config = resolve_shuffle(ds, opts)
     plan = PackedEpochs(ds, opts, config, {n: ds.info.columns[n] for n in ds.columns})
     reader, example = ds.reader(), plan.empty_batch()
-    flat = packing.layout == "flat"
-    # flat batches: per-token keys [1, T, ...], per-record ones [n, ...], cu_seqlens, max_seqlen
-    tokens = {n for n, e in plan.encodings.items() if e.variable} | {"position_ids"}
-    per_chunk = max(1, CHUNK_TOKENS // (packing.batch_rows * packing.max_length))
-    epochs, lock = itertools.count(config.epoch), threading.Lock()
+    in_graph = packing.layout == "rows" and reader.format.supports_serialized
 
-    def chunks() -> Iterator[dict[str, np.ndarray]]:
-        with lock:
-            epoch = next(epochs)
-        # batch counts (the lengths table) only where ranks must agree on them
-        windows = plan.windows(epoch, counted=plan.world_size > 1)
-        batches = plan.batches(reader, windows, epoch)
-        try:
-            while run := list(itertools.islice(batches, per_chunk)):
-                yield _joined(run, tokens) if flat else {k: np.stack([b[k] for b in run]) for k in example}
-        finally:
-            batches.close()
+    def windows(epoch: int) -> list[Window]:
+        # batch counts (the lengths table) only where ranks must agree on them; the rows layout
+        # plans from the table anyway
+        if in_graph:
+            plan.lengths()
+        return plan.windows(epoch, counted=plan.world_size > 1)
 
-    if not flat and reader.format.supports_serialized:
-        data = _rows_in_graph(plan, reader, example, lambda: next(epochs), lock)
-    elif flat:
-        spec = {k: tf.TensorSpec([None, *v.shape[2 if k in tokens else 1 :]], v.dtype) for k, v in example.items()}
-        spec.update({f"{k}/n": tf.TensorSpec([None], tf.int64) for k in example})
-        data = tf.data.Dataset.from_generator(chunks, output_signature=spec).map(_runs)
-    else:
-        spec = {k: tf.TensorSpec([None, *v.shape], v.dtype) for k, v in example.items()}
-        data = tf.data.Dataset.from_generator(chunks, output_signature=spec)
-    if flat or not reader.format.supports_serialized:
-        data = data.unbatch()
-    if flat:
-        data = data.map(lambda b: {k: v[None] if k in tokens else v for k, v in b.items()})
-    if features is not None:
-        data = data.map(_hf_split(features, labels))
+    def then(data: tf.data.Dataset) -> tf.data.Dataset:
+        """Batches → HF's structure, prefetched."""
+        if features is not None:
+            data = data.map(_hf_split(features, labels))
+        return data.prefetch(tf.data.AUTOTUNE) if prefetch else data
+
+    build = _rows_in_graph if in_graph else _numpy_batches
+    data = build(plan, example, config.epoch, windows, then)
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    data = data.with_options(options)
-    return data.prefetch(tf.data.AUTOTUNE) if prefetch else data
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    options.experimental_optimization.inject_prefetch = False  # see tf_plan.PlannedEpochs.dataset
+    return data.with_options(options)
 
 
 _WINDOW_SPEC = (tf.TensorSpec([], tf.string), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),
                 tf.TensorSpec([None], tf.int64))
 
 
-def _rows_in_graph(plan: PackedEpochs, reader: Any, example: dict[str, np.ndarray], next_epoch, lock) -> tf.data.Dataset:
-    """The rows layout with only the plan in Python: per window, the generator yields the
-    window's serialized records as read (one blob) with their starts and lengths in plan order
-    (records of the rows, row by row) and the rows' record splits (``window_rows``: from the
-    lengths table, filled with empty rows to whole batches); a parallel ``map`` parses them and lays the rows out with ragged ops, as ``build_rows`` does."""
+def _nonempty(windows: list[Window]) -> list[Element]:
+    """An element per window that yields batches (``uneven="drop"`` may leave one none)."""
+    return [Element(i, i + 1) for i, w in enumerate(windows) if w.num_batches != 0]
+
+
+def _numpy_batches(plan: PackedEpochs, example: dict[str, np.ndarray], epoch: int, windows, then) -> tf.data.Dataset:
+    """Each window's numpy batches (``PackedEpochs.pack_window``) as one element: ``[k, B, ...]``
+    per key, or, flat, the batches' values back to back with how many each has (``_joined``);
+    ``unbatch`` splits them."""
+    flat = plan.packing.layout == "flat"
+    # flat batches: per-token keys [1, T, ...], per-record ones [n, ...], cu_seqlens, max_seqlen
+    tokens = {n for n, e in plan.encodings.items() if e.variable} | {"position_ids"}
+    keys = [*example, *(f"{k}/n" for k in example)] if flat else list(example)
+    if flat:
+        spec = [tf.TensorSpec([None, *v.shape[2 if k in tokens else 1 :]], v.dtype) for k, v in example.items()]
+        spec += [tf.TensorSpec([None], tf.int64)] * len(example)
+    else:
+        spec = [tf.TensorSpec([None, *v.shape], v.dtype) for v in example.values()]
+
+    def make(epoch: int, element: Element, todo: Sequence[Window], reads: list[Any]) -> tuple:
+        (w,), (cols,) = todo, reads
+        batches = [example] * w.num_batches if cols is None else plan.pack_window(cols, w, epoch)[: w.num_batches]
+        out = _joined(batches, tokens) if flat else {k: np.stack([b[k] for b in batches]) for k in example}
+        return tuple(out[k] for k in keys)
+
+    def split(data: tf.data.Dataset) -> tf.data.Dataset:
+        data = data.map(lambda *values: dict(zip(keys, values)))
+        if not flat:
+            return then(data.unbatch())
+        data = data.map(_runs).unbatch()
+        return then(data.map(lambda b: {k: v[None] if k in tokens else v for k, v in b.items()}))
+
+    source = PlannedEpochs(plan.ds, plan=windows, make=make, epoch=epoch, group=_nonempty, serialized=False)
+    return source.dataset(spec, parallel=tf.data.AUTOTUNE, deterministic=True, then=split)
+
+
+def _rows_in_graph(plan: PackedEpochs, example: dict[str, np.ndarray], epoch: int, windows, then) -> tf.data.Dataset:
+    """The rows layout with only the plan in Python: per window, an element of the window's
+    serialized records as read (one blob) with their starts and lengths in plan order (records
+    of the rows, row by row) and the rows' record splits (``window_rows``: from the lengths
+    table, filled with empty rows to whole batches); a parallel ``map`` parses them and lays the
+    rows out with ragged ops, as ``build_rows`` does."""
     opts, b = plan.packing, plan.packing.batch_rows
     length, slots, column = opts.max_length, opts.max_segments, opts.column
     decoder = BatchDecoder(plan.encodings, plan.pad_values, pad_to_multiple_of=None, boundaries=None,
                            padding_side="right", return_attention_mask=False)  # fmt: skip
+    none = np.zeros(0, np.int64)
 
-    def windows() -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
-        with lock:
-            epoch = next_epoch()
-        todo = plan.windows(epoch, counted=plan.world_size > 1)
-        reads = read_windows(reader, plan.ds.shards, [w for w in todo if w.ranges], serialized=True)
-        none = np.zeros(0, np.int64)
-        try:
-            for w in todo:
-                if not w.ranges:  # uneven="pad": empty batches
-                    yield b"", none, none, np.zeros(w.num_batches * b + 1, np.int64)
-                    continue
-                buf, starts, ends = next(reads)
-                rows, n = plan.window_rows(w, epoch)
-                first = starts[rows.records]  # the window's frames as read; substr cuts them in plan order
-                fill = np.full(n * b - rows.num_rows, rows.row_splits[-1], np.int64)
-                yield (np.asarray(buf).tobytes(), first, ends[rows.records] - first,
-                       np.concatenate([rows.row_splits, fill]))  # fmt: skip
-        finally:
-            reads.close()
+    def make(epoch: int, element: Element, todo: Sequence[Window], reads: list[Any]) -> tuple:
+        (w,), (read,) = todo, reads
+        if read is None:  # uneven="pad": empty batches
+            return b"", none, none, np.zeros(w.num_batches * b + 1, np.int64)
+        buf, starts, ends = read
+        rows, n = plan.window_rows(w, epoch)
+        first = starts[rows.records]  # the window's frames as read; substr cuts them in plan order
+        fill = np.full(n * b - rows.num_rows, rows.row_splits[-1], np.int64)
+        return np.asarray(buf).tobytes(), first, ends[rows.records] - first, np.concatenate([rows.row_splits, fill])
 
     def lay_out(blob: tf.Tensor, starts: tf.Tensor, lengths: tf.Tensor, splits: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = decoder.ragged(tf.strings.substr(blob, starts, lengths))
@@ -181,8 +189,9 @@ def _rows_in_graph(plan: PackedEpochs, reader: Any, example: dict[str, np.ndarra
         out["segment_mask"] = tf.reshape(tf.range(slots, dtype=tf.int64) < held[:, None], [-1, b, slots])
         return {k: out[k] for k in example}
 
-    data = tf.data.Dataset.from_generator(windows, output_signature=_WINDOW_SPEC)
-    return data.map(lay_out, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    source = PlannedEpochs(plan.ds, plan=windows, make=make, epoch=epoch, group=_nonempty)
+    return source.dataset(_WINDOW_SPEC, parallel=tf.data.AUTOTUNE, deterministic=True, then=lambda data: then(
+        data.map(lay_out, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()))
 
 
 def _joined(run: list[dict[str, np.ndarray]], tokens: set[str]) -> dict[str, np.ndarray]:

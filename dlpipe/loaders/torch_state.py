@@ -25,6 +25,7 @@ unblocks a ``next()`` that has waited a second while a worker is dead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -184,10 +185,10 @@ class LoaderIterator:
         dead = self._dead_workers()
         waited = time.monotonic()
         while not dead and not isinstance(error, RuntimeError) and time.monotonic() - waited < 2.0:
-            try:
-                time.sleep(0.01)  # the connection closes as the process exits: reaped soon after
-            except RuntimeError:  # SIGCHLD: PyTorch's handler (or dlpipe's) saw the death too
-                pass
+            # the connection closes as the process exits: it is reaped soon after (a RuntimeError
+            # here is SIGCHLD: PyTorch's handler, or dlpipe's, saw the death too)
+            with contextlib.suppress(RuntimeError):
+                time.sleep(0.01)
             dead = self._dead_workers()
         timed_out = str(error).startswith("DataLoader timed out")
         if not dead and not timed_out:

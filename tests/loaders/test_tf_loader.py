@@ -267,12 +267,14 @@ def test_graph_is_native(tmp_path):
 
 
 def test_shuffled_graph_reads_in_python_once_per_chunk_and_parses_natively(tmp_path):
-    """A global shuffle reads records out of order: dlpipe's reader does that (one generator
-    element per chunk of batches, see loaders.tf_plan); parsing and padding stay graph ops."""
+    """A global shuffle reads records out of order: dlpipe's reader does that (a Python call per
+    numbered element of batches, see loaders.tf_plan; no from_generator, so it can be
+    checkpointed); parsing and padding stay graph ops."""
     _, _, ds = make_corpus(tmp_path, n=40)
     for kw in ({}, {"bucket_boundaries": "auto"}):
         ops = _graph_ops(ds.to_tf_dataset(batch_size=8, shuffle=True, seed=0, **kw))
-        assert {"ParseExampleV2", "GeneratorDataset", "FlatMapDataset"} <= ops, ops
+        assert {"ParseExampleV2", "PyFunc", "FlatMapDataset", "RangeDataset"} <= ops, ops
+        assert "GeneratorDataset" not in ops, ops
         assert "ParallelInterleaveDatasetV4" not in ops, ops  # files are not read front to back
 
 
@@ -343,10 +345,10 @@ CHECKPOINTABLE = {
 @pytest.mark.parametrize("case", list(CHECKPOINTABLE))
 def test_checkpointed_iterator_resumes_exactly(tmp_path, case):
     """``tf.train.Checkpoint(iterator=...)`` through tests/resume_helper.py, for the pipelines
-    that read files front to back (unshuffled shards, or compressed ones shuffled). The global
-    shuffle and any split over ranks (the epoch plan, ``loaders.tf_plan``) and remote shards
-    without ``cache_dir`` are built on ``from_generator``, which TensorFlow cannot checkpoint
-    (see the next test)."""
+    that read files front to back (unshuffled shards, or compressed ones shuffled). The epoch
+    plan's (global shuffle, ranks) are in the next test and test_tf_checkpoint.py; remote shards
+    read front to back without ``cache_dir`` are built on ``from_generator``, which TensorFlow
+    cannot checkpoint."""
     reshard_kw, kw = CHECKPOINTABLE[case]
     _, _, ds = make_corpus(tmp_path, n=200, **reshard_kw)
     how = tf_checkpoint(str(tmp_path / "ckpt"))
@@ -355,17 +357,16 @@ def test_checkpointed_iterator_resumes_exactly(tmp_path, case):
 
 
 @pytest.mark.parametrize("kw", [{"shuffle": True, "seed": 3}, {"world_size": 2, "rank": 1}])
-def test_planned_pipelines_cannot_be_checkpointed(tmp_path, monkeypatch, kw):
-    """The epoch plan's pipelines are fed by from_generator: TensorFlow refuses to save them
-    while the generator runs (loudly, rather than restoring a generator that starts over)."""
+def test_planned_pipelines_are_checkpointed(tmp_path, monkeypatch, kw):
+    """The epoch plan's pipelines (loaders.tf_plan) are numbered elements, not a generator:
+    TensorFlow saves them mid-epoch, and a dataset built again resumes with the next batch."""
     from dlpipe.loaders import tf_plan
 
-    monkeypatch.setattr(tf_plan, "_CHUNK_RECORDS", 8)  # a generator element per batch: not done yet
+    monkeypatch.setattr(tf_plan, "_CHUNK_RECORDS", 8)  # an element per batch: most not yet read
     _, _, ds = make_corpus(tmp_path, n=300)
-    it = iter(ds.to_tf_dataset(batch_size=8, prefetch=False, **kw))
-    next(it)
-    with pytest.raises(tf.errors.FailedPreconditionError, match="stateful"):
-        tf.train.Checkpoint(iterator=it).write(str(tmp_path / "ckpt"))
+    how = tf_checkpoint(str(tmp_path / "ckpt"))
+    full = run_save_load_state(lambda: ds.to_tf_dataset(batch_size=8, prefetch=False, **kw), (1, 9), how=how)
+    assert len(full) == (38 if "seed" in kw else 19)
 
 
 def test_webdataset_shards_are_refused(tmp_path):
