@@ -47,8 +47,8 @@ import numpy as np
 
 from dlpipe.defaults import SHUFFLE_BUFFER
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import PieceOrder, epoch_pieces
-from dlpipe.loaders.dataset import ShardDataset
+from dlpipe.loaders.common import PieceOrder, epoch_pieces, shuffle_block_records
+from dlpipe.loaders.dataset import BLOCK_REQUEST_BYTES, ShardDataset
 from dlpipe.manifest import DatasetInfo
 
 STOPPING = ("first_exhausted", "all_exhausted")
@@ -180,7 +180,16 @@ class MixedDataset(ShardDataset):
 
     @property
     def block_records(self) -> int | None:
-        return max(s.block_records or 0 for s in self.sources) or None
+        """Records per shuffle block of every source: as for one dataset of all their records
+        (``ShardDataset.block_records``), so a window of the mixture touches as many blocks as
+        a window of one dataset would (small sources' own rule would cut them finer)."""
+        if self.chosen_block_records is not None:
+            return self.chosen_block_records
+        rows = sum(s.num_rows for s in self.sources)
+        per_request = self.info.remote and self.reader().cache_dir is None
+        nbytes = sum(sh.num_bytes for sh in self.shards)
+        return shuffle_block_records(rows, min_bytes=BLOCK_REQUEST_BYTES if per_request else 0,
+                                     bytes_per_record=nbytes / max(rows, 1))
 
     def shuffle(self, seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER, *,
                 block_records: int | None = None) -> MixedDataset:
@@ -226,7 +235,7 @@ class MixedDataset(ShardDataset):
             for k, s in enumerate(self.sources):
                 mine = s.shuffled or shuffle
                 own = s.shuffle_seed if s.shuffled else _source_seed(seed, k)
-                br = s.block_records if mine else None
+                br = (s.chosen_block_records or self.block_records) if mine else None
                 pieces = epoch_pieces([x.num_records for x in s.shards], shuffle=mine, seed=own or 0,
                                       epoch=epoch, block_records=br)
                 orders.append(PieceOrder(pieces, sort=bool(mine and br)))
