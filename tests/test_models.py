@@ -367,3 +367,125 @@ def test_tf_packed_steps_train_on_the_unpacked_loss():
         batch = rows if i % 2 else flat
         step(batch, batch["labels"])
     assert float(step(rows, rows["labels"])) < first * 0.5
+
+
+def hand_packed(rows: list[list[int]], width: int, kernel: int, seed: int = 0):
+    """Records of the given lengths (0 included) packed by hand, back to back in rows of
+    ``width`` ((row, segment) of each in ``at``), the rest padding of a nonzero id that must
+    never be read; the same records padded; the flat form; and weights for ``kernel``."""
+    rng = np.random.default_rng(seed)
+    records = [rng.integers(1, 70_000, n) for row in rows for n in row]
+    ids = np.full((len(rows), width), 9999, np.int64)
+    seg = np.zeros((len(rows), width), np.int32)
+    at = []  # (row, segment) of each record
+    it = iter(records)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, n in enumerate(row):
+            ids[r, start : start + n], seg[r, start : start + n] = next(it), s + 1
+            at.append((r, s))
+            start += n
+    longest = max(1, *(len(x) for x in records))
+    padded_ids = np.zeros((len(records), longest), np.int64)
+    padded_mask = np.zeros((len(records), longest), np.int64)
+    for i, x in enumerate(records):
+        padded_ids[i, : len(x)], padded_mask[i, : len(x)] = x, 1
+    flat = np.concatenate(records)[None]
+    cu = np.concatenate([[0], np.cumsum([len(x) for x in records])]).astype(np.int32)
+    weights = init_weights(4, 128, kernel=kernel, channels=8, hidden=8)
+    return {"rows": (ids, seg, at), "padded": (padded_ids, padded_mask), "flat": (flat, cu),
+            "weights": weights}  # fmt: skip
+
+
+# rows with records shorter than kernel // 2, an empty one between others, a full row, an empty row
+HAND_ROWS = [[1, 2, 0, 1, 5], [3], [], [2, 2, 2, 2, 4], [0, 12]]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_torch_packed_short_and_empty_records_in_any_kernel(kernel):
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_torch import DeepCalTorch
+
+    case = hand_packed(HAND_ROWS, 12, kernel)
+    model = DeepCalTorch(128, weights=case["weights"])
+    (ids, seg, at), (flat, cu) = case["rows"], case["flat"]
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(a) for a in case["padded"])).numpy()
+        seg = torch.from_numpy(seg)
+        rows = model(torch.from_numpy(ids), segment_ids=seg, num_segments=6).numpy()
+        flat_out = model(torch.from_numpy(flat), cu_seqlens=torch.from_numpy(cu)).numpy()
+    np.testing.assert_allclose(np.stack([rows[r, s] for r, s in at]), want, atol=1e-5)
+    np.testing.assert_allclose(flat_out, want, atol=1e-5)
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_tf_packed_short_and_empty_records_in_any_kernel(kernel):
+    pytest.importorskip("tensorflow")
+    from dlpipe.models.deepcal_tf import build_tf_model, flat_outputs, packed_outputs
+
+    case = hand_packed(HAND_ROWS, 12, kernel)
+    model = build_tf_model(128, weights=case["weights"])
+    (ids, seg, at), (flat, cu) = case["rows"], case["flat"]
+    padded_ids, padded_mask = case["padded"]
+    want = model({"input_ids": padded_ids, "attention_mask": padded_mask}).numpy()
+    rows = packed_outputs(model, ids, seg, 6).numpy()
+    np.testing.assert_allclose(np.stack([rows[r, s] for r, s in at]), want, atol=1e-5)
+    np.testing.assert_allclose(flat_outputs(model, flat, cu).numpy(), want, atol=1e-5)
+
+
+def assert_grads_close(got: list, want: list) -> None:
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.torch
+def test_torch_packed_gradients_equal_the_unpacked_ones():
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_torch import DeepCalTorch, batch_loss
+
+    cpu = torch.device("cpu")
+    b = with_empty_record(make_batch(n=16, seed=8))
+    model = DeepCalTorch(seed=2)
+
+    def grads(batch: dict) -> list:
+        model.zero_grad(set_to_none=True)
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+        batch_loss(model, tensors, cpu).backward()
+        return [p.grad.numpy().copy() for p in model.parameters()]
+
+    want = grads({k: b[k] for k in ("input_ids", "attention_mask", "labels")})
+    for layout in ("rows", "flat"):
+        assert_grads_close(grads(packed(b, layout)), want)
+    empty_rows = {"input_ids": np.zeros((2, 8), np.int64), "segment_ids": np.zeros((2, 8), np.int32),
+                  "segment_mask": np.zeros((2, 3), bool), "labels": np.zeros((2, 3, 2), np.float32)}  # fmt: skip
+    empty_flat = {"input_ids": np.zeros((1, 0), np.int64), "cu_seqlens": np.zeros(1, np.int32),
+                  "labels": np.zeros((0, 2), np.float32)}  # fmt: skip
+    for empty in (empty_rows, empty_flat):  # the fill of uneven ranks: loss 0, gradients 0
+        assert all(not g.any() for g in grads(empty))
+
+
+@pytest.mark.tf
+def test_tf_packed_gradients_equal_the_unpacked_ones():
+    tf = pytest.importorskip("tensorflow")
+    from dlpipe.models.deepcal_tf import batch_loss, build_tf_model
+
+    b = with_empty_record(make_batch(n=16, seed=8))
+    model = build_tf_model(seed=2)
+
+    def grads(feats: dict, labels) -> list:
+        with tf.GradientTape() as tape:
+            loss = batch_loss(model, feats, labels)
+        values = tape.gradient(loss, model.trainable_variables)
+        return [tf.convert_to_tensor(g).numpy() for g in values]
+
+    want = grads(features(b, tf.constant), tf.constant(b["labels"]))
+    for layout in ("rows", "flat"):
+        batch = packed(b, layout)
+        assert_grads_close(grads(batch, batch["labels"]), want)
+    empty_rows = {"input_ids": tf.zeros([2, 8], tf.int64), "segment_ids": tf.zeros([2, 8], tf.int32),
+                  "segment_mask": tf.zeros([2, 3], tf.bool)}  # fmt: skip
+    empty_flat = {"input_ids": tf.zeros([1, 0], tf.int64), "cu_seqlens": tf.zeros([1], tf.int32)}
+    for empty, labels in ((empty_rows, tf.zeros([2, 3, 2])), (empty_flat, tf.zeros([0, 2]))):
+        assert all(not g.any() for g in grads(empty, labels))  # loss 0, gradients 0

@@ -28,15 +28,31 @@ Packed input (``dlpipe.loaders.packing``): several addresses per row, ``input_id
 ``segment_ids`` [B, L] (0 = padding, 1..k the row's records in order), one output per segment,
 [B, S, 2] beside ``segment_mask`` [B, S]; or flattened, ``input_ids`` [1, T] with
 ``cu_seqlens`` [n + 1], [n, 2] out. The model first spreads each row's segments apart with
-``kernel // 2`` zero positions between them (a scatter of the ids, [B, L + 2 * (S - 1)] for
-k = 5), then runs the padded path's own layers: every tap of a convolution that would cross a
-record's end reads a zero, exactly as the "same" padding of that record alone would, and
-pooling is a mean per segment. So a record's output does not depend on what it is packed
-with and equals its unpacked output (up to float rounding); the loss over the real segments
-equals the unpacked batch's. The work is the padded path's on L + 2 * (S - 1) positions per
-row, with no per-record step (an exact alternative, masking each of the k taps by "same
-segment as the centre", costs a k-fold im2col matmul: 2-3x slower on CPU than the native
-convolution). ``position_ids`` are accepted and unused: the model has no position embedding.
+``kernel // 2`` zero positions between consecutive ones (a scatter of the ids), then runs the
+padded path's own layers, zeroing padding and gaps after the embedding and every convolution:
+every tap that would cross a record's end reads a zero, exactly as the "same" padding of that
+record alone would, and nothing reads across rows. Pooling is a mean per segment: for rows one
+batched matmul with the rows' one-hot [S, L'] segment matrices (on CPU cheaper than a segment
+sum and its gather), for the flat form a segment sum. So a record's output does not depend on
+what it is packed with and equals its unpacked output (up to float rounding), and so do the
+gradients; the loss over the real segments equals the unpacked batch's (0 for an empty batch).
+
+Cost: the convolutions run on L + kernel // 2 * (m - 1) positions per row, m the batch's most
+segments in one row (not S: unused slots would widen every row; PyTorch reads m only on CPU,
+elsewhere it uses S rather than wait for the device). For 128-token rows of DeepCAL-like
+addresses (~5.8 records a row, m = 8) that is 142 positions for 127 real tokens, about the
+waste of length buckets (~91% real tokens). Measured on a shared 2-core CPU, the train step
+alone (forward, backward, Adam) on ~256 records a batch, one and two threads: packed rows give
+0.94-0.97x (TF) and 0.91-1.0x (PyTorch) the samples/s of bucketed batches, 1.7-1.8x and
+1.8-2.3x pad-to-longest, ~1.1x the former layout (gaps for all S slots, segment-sum pooling).
+Exact alternatives cost more here. Convolving the rows without gaps and taking back the taps
+that crossed a boundary before each ReLU (per boundary a gather of 2 * (kernel // 2) positions,
+two [kernel // 2 * C]-square matmuls, a scatter back) does the fewest multiplications (~1.2
+positions' worth per boundary, against 2 for a gap) but adds ~25 small ops per layer: 0.86-0.95x
+(TF) and 0.79-0.90x (PyTorch) buckets. Masking each tap by "same segment as the centre" is a
+kernel-fold im2col matmul. With no boundary handling at all (wrong outputs) packing would
+reach 1.02-1.15x buckets: the ceiling for this model at these lengths. ``position_ids`` are
+accepted and unused: the model has no position embedding.
 
 ``init_weights(seed)`` is the one numpy weight dict both frameworks load (Keras layouts: conv
 kernels ``(k, in, out)``, dense ``(in, out)``); its shapes define the architecture.

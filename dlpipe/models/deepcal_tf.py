@@ -132,15 +132,13 @@ def packed_outputs(model: Any, input_ids: Any, segment_ids: Any, num_segments: A
     (``segment_mask`` says which are real). Equal, up to float rounding, to the outputs of each
     record alone (see ``dlpipe.models``)."""
     tf = _tf()
-    ids, seg = _spread(model, input_ids, tf.cast(segment_ids, tf.int32), num_segments)
+    ids, seg = _spread(model, input_ids, tf.cast(segment_ids, tf.int32))
     x = _features(model, ids, seg)
-    batch, width = tf.shape(seg)[0], tf.shape(seg)[1]
-    rows = tf.repeat(tf.range(batch), width)
-    flat_seg = tf.reshape(seg, [-1])
-    # one bucket per (row, segment); padding goes to a last bucket that is dropped
-    ids = tf.where(flat_seg > 0, rows * num_segments + flat_seg - 1, batch * num_segments)
-    pooled = _segment_mean(tf.reshape(x, [batch * width, -1]), ids, batch * num_segments + 1)
-    pooled = tf.reshape(pooled[:-1], [batch, num_segments, -1])
+    # the mean per segment: one batched matmul with the rows' one-hot segment matrices (padding
+    # and gaps, id 0, are zero rows); on CPU cheaper than a segment sum and its gather
+    onehot = tf.one_hot(seg - 1, num_segments, dtype=x.dtype)  # [B, L', S]
+    sums = tf.linalg.matmul(onehot, x, transpose_a=True)  # [B, S, C]
+    pooled = sums / tf.maximum(tf.reduce_sum(onehot, axis=1), 1.0)[..., None]
     return model.get_layer("out")(model.get_layer("dense")(pooled))
 
 
@@ -150,21 +148,27 @@ def flat_outputs(model: Any, input_ids: Any, cu_seqlens: Any) -> Any:
     tf = _tf()
     cu = tf.cast(cu_seqlens, tf.int32)
     seg = tf.searchsorted(cu[1:], tf.range(tf.shape(input_ids)[1]), side="right")[None] + 1
-    ids, seg = _spread(model, input_ids, seg, tf.shape(cu)[0] - 1)
+    ids, seg = _spread(model, input_ids, seg)
     x = _features(model, ids, seg)
-    pooled = _segment_mean(x[0], seg[0] - 1, tf.shape(cu)[0] - 1)  # gaps: -1, dropped
+    # one row of n records: a one-hot matmul would cost n x T x C, a segment sum T x C; gaps go
+    # to a last segment, dropped (not to -1: its gradient fails when n = 0)
+    n = tf.shape(cu)[0] - 1
+    pooled = _segment_mean(x[0], tf.where(seg[0] > 0, seg[0] - 1, n), n + 1)[:-1]
     return model.get_layer("out")(model.get_layer("dense")(pooled))
 
 
-def _spread(model: Any, input_ids: Any, seg: Any, num_segments: Any) -> tuple[Any, Any]:
+def _spread(model: Any, input_ids: Any, seg: Any) -> tuple[Any, Any]:
     """Ids and segment ids with ``kernel // 2`` zero positions between consecutive segments of a
-    row: [B, L + kernel // 2 * (num_segments - 1)]. Padding moves to the end."""
+    row: [B, max(L + kernel // 2 * (m - 1), 1)], m the batch's most segments in a row (not
+    ``max_segments``: its unused slots would widen every row). Padding moves to the end."""
     tf = _tf()
     gap = model.get_layer("conv1").kernel_size[0] // 2
     batch, width = tf.shape(seg)[0], tf.shape(seg)[1]
-    at = tf.range(width)[None] + gap * (tf.where(seg > 0, seg, num_segments) - 1)
+    most = tf.maximum(tf.reduce_max(seg), 1)  # an empty batch: the lowest int32, so 1
+    at = tf.range(width)[None] + gap * (tf.where(seg > 0, seg, most) - 1)
     index = tf.stack([tf.broadcast_to(tf.range(batch)[:, None], [batch, width]), at], -1)
-    shape = tf.stack([batch, width + gap * tf.maximum(num_segments - 1, 0)])  # 0 segments: empty
+    # >= 1 position: TF convolves an empty row into the input's channels, not the kernel's
+    shape = tf.stack([batch, tf.maximum(width + gap * (most - 1), 1)])
     ids = tf.scatter_nd(index, tf.cast(input_ids, tf.int64), shape)
     return ids, tf.scatter_nd(index, seg, shape)
 

@@ -84,26 +84,31 @@ class DeepCalTorch(nn.Module):
         # then the padded path's own convolutions see zeros past every record's ends
         seg, gap = seg.long(), self.convs[0].padding[0]
         batch, width = seg.shape
-        at = torch.arange(width, device=seg.device) + gap * (
-            torch.where(seg > 0, seg, num_segments) - 1
-        )
-        spread = (batch, max(width + gap * max(num_segments - 1, 0), 1))  # >= 1: an empty batch
+        # the batch's most segments in a row, not num_segments, whose unused slots would widen
+        # every row; read on CPU only, since elsewhere reading it waits for the device
+        on_cpu = seg.device.type == "cpu" and seg.numel()
+        most = max(int(seg.max()) if on_cpu else num_segments, 1)
+        at = torch.arange(width, device=seg.device) + gap * (torch.where(seg > 0, seg, most) - 1)
+        spread = (batch, max(width + gap * (most - 1), 1))  # >= 1: an empty batch
         ids = input_ids.long().new_zeros(spread).scatter_(1, at, input_ids.long())
         seg = seg.new_zeros(spread).scatter_(1, at, seg)
         mask = (seg > 0).to(torch.float32).unsqueeze(1)  # [B, 1, L']
         x = self.embed(torch.remainder(ids, self.vocab)).transpose(1, 2).contiguous() * mask
         for conv in self.convs:
             x = torch.relu(conv(x)) * mask
-        # mean per (row, segment); padding and gaps go to a last bucket that is dropped
-        rows = torch.arange(batch, device=seg.device).repeat_interleave(spread[1])
-        flat_seg = seg.reshape(-1)
-        bucket = torch.where(flat_seg > 0, rows * num_segments + flat_seg - 1, batch * num_segments)
-        sums = x.new_zeros(batch * num_segments + 1, x.shape[1])
-        sums.index_add_(0, bucket, x.transpose(1, 2).reshape(-1, x.shape[1]))
-        counts = torch.bincount(bucket, minlength=batch * num_segments + 1).clamp_min(1)
-        pooled = (sums / counts.unsqueeze(1).to(sums.dtype))[:-1]
-        out = self.out(torch.relu(self.dense(pooled)))
-        return out if cu_seqlens is not None else out.view(batch, num_segments, 2)
+        if cu_seqlens is not None:  # one row of n records: a segment sum (one-hot: n x T x C)
+            sums = x.new_zeros(num_segments + 1, x.shape[1])  # gaps go to a last, dropped, row
+            sums.index_add_(0, torch.where(seg[0] > 0, seg[0] - 1, num_segments), x[0].T)
+            counts = (cu[1:] - cu[:-1]).clamp_min(1).unsqueeze(1).to(sums.dtype)
+            return self.out(torch.relu(self.dense(sums[:-1] / counts)))
+        # the mean per segment: one batched matmul with the rows' one-hot segment matrices
+        # (padding and gaps, id 0, are zero columns); on CPU cheaper than a scatter-add and its
+        # gather. x @ onehot keeps x's gradient contiguous for the convolutions' backward.
+        slots = torch.arange(1, num_segments + 1, device=seg.device)
+        onehot = (seg.unsqueeze(1) == slots[:, None]).to(x.dtype)  # [B, S, L']
+        sums = torch.bmm(x, onehot.transpose(1, 2)).transpose(1, 2)  # [B, S, C]
+        pooled = sums / onehot.sum(2, keepdim=True).clamp_min(1.0)
+        return self.out(torch.relu(self.dense(pooled)))
 
 
 def weights_from_torch(model: DeepCalTorch) -> dict[str, np.ndarray]:
