@@ -133,7 +133,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f" {_loads(load['before'])}, after {_loads(load['after'])}.",
         "",
         "**This machine has 2 cores**: with `num_workers=2` the two worker processes compete"
-        " with the main process (which receives, unpickles and counts the batches), and TF's"
+        " with the main process (which takes the batches from their shared-memory ring and counts them), and TF's"
         " threads share the same two cores.",
         "",
         f"Shards (`dlpipe.reshard`, dlpipe's defaults, {s['num_shards']} shards; encodings as"

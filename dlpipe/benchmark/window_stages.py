@@ -2,8 +2,8 @@
 rank's windows (the PyTorch loader's path), and the whole ledger of packed batches.
 
 Both loaders make packed batches the same way (``dlpipe.loaders.packed.PackedEpochs``: dlpipe's
-reader, then ``pack_window`` in numpy; ``to_tf_dataset`` hands the finished batches to tf.data
-through ``from_generator``), so ``packed_stages`` serves both measurers: ``read`` (the windows'
+reader, then the pack plan in numpy; ``to_tf_dataset`` gets each pack window as a numbered
+element through ``tf.py_function``, ``loaders.tf_plan``), so ``packed_stages`` serves both measurers: ``read`` (the windows'
 bytes out of the page cache), ``parse`` (``read_window``: index, CRC, decode), ``shuffle`` (each
 window's record permutation and gather), ``batch`` (``pack_window``: the permutation again, the
 row plan, the rows laid out). Each is timed ``repeats`` times after one untimed pass, the median

@@ -24,7 +24,7 @@ process pinned to its CPU share; each returns ``FrameworkResult``s. How each num
 - **Padding** (``cfg.padding``, ``dlpipe.benchmark.modes``): ``to_tf_dataset`` with that mode's
   arguments; ``batch`` times its rule (``fixed``: padded to the width; ``buckets``: windows sorted
   by bucket, padded to the boundary; ``packing``: ``window_stages.packed_stages``, the numpy
-  packer the loader feeds through ``from_generator``, whose read/parse are dlpipe's reader);
+  packer whose plan the loader takes as numbered elements, whose read/parse are dlpipe's reader);
   ``h2d``, ``step`` and the pipeline run at the mode's real batch shapes.
 - ``model``: ``none`` (the feed rate), ``sleep:MS`` (the calibrated step, MLPerf-Storage style) or
   ``deepcal`` (``dlpipe.models.deepcal_tf``'s real train step).

@@ -36,7 +36,8 @@ def _dlpipe_stages(
     tf = _tf()
     if cfg.padding == "packing":  # both loaders' packer (dlpipe.loaders.packed), numpy
         stages, host = packed_stages(cfg, notes)
-        notes.append("packing: to_tf_dataset hands the packed batches to tf.data through from_generator")
+        notes.append("packing: to_tf_dataset gets each pack window from dlpipe's reader as a numbered element "
+                     "(tf.py_function, checkpointable) and lays the rows out in the graph")
         prepared = [({k: tf.constant(v) for k, v in b.items() if k != LABEL}, tf.constant(b[LABEL])) for b in host]
         return _finish(cfg, stages, prepared, model, device, notes)
     auto = tf.data.AUTOTUNE
