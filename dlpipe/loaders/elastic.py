@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import (
     Remainder,
     Window,
@@ -87,3 +88,15 @@ def _kept(previous: Remainder | None, kept: np.ndarray) -> Remainder:
     starts = positions[np.concatenate([[0], breaks])]
     stops = positions[np.concatenate([breaks - 1, [len(positions) - 1]])] + 1
     return Remainder(starts, stops)
+
+
+def check_elastic(saved: dict[str, int], world_size: int, *, packing: bool, buckets: bool) -> None:
+    """Refuse to resume a state saved under ``saved``'s world size and workers where the
+    batches of a part-read window are not a function of the plan alone (they depend on the
+    records' lengths): with packing or length buckets the topology must stay the same."""
+    why = "packing" if packing else "bucket_boundaries" if buckets else None
+    if why:
+        raise ConfigError(
+            f"this state was saved with world_size={saved['world_size']}, num_workers={saved['num_workers']}; "
+            f"resuming under world_size={world_size} with {why} needs the same world size and "
+            "num_workers (elastic resume supports padded batches without it)")

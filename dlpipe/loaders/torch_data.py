@@ -75,7 +75,7 @@ from dlpipe.loaders.common import (  # noqa: E402
     window_batches,
     worker_windows,
 )
-from dlpipe.loaders.elastic import epoch_remainder  # noqa: E402
+from dlpipe.loaders.elastic import check_elastic, epoch_remainder  # noqa: E402
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
 from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs, refuse_collate_fn  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
@@ -259,14 +259,8 @@ class ShardIterableDataset(IterableDataset):
         return self._remainder[1]
 
     def check_elastic(self, saved: dict[str, int]) -> None:
-        """Refuse an elastic resume (from ``saved``'s world size and workers) where the batches
-        of a part-read window are not a function of the plan alone."""
-        why = "packing" if self.packer is not None else "bucket_boundaries" if self.boundaries is not None else None
-        if why:
-            raise ConfigError(
-                f"this state was saved with world_size={saved['world_size']}, num_workers={saved['num_workers']}; "
-                f"resuming under world_size={self.world_size} with {why} needs the same world size and "
-                "num_workers (elastic resume supports padded batches without it)")
+        """Refuse an elastic resume (``loaders.elastic.check_elastic``) where it cannot be exact."""
+        check_elastic(saved, self.world_size, packing=self.packer is not None, buckets=self.boundaries is not None)
 
     def num_batches(self, epoch: int, stages: Sequence[dict[str, int]] = ()) -> int:
         """Batches this rank plays in ``epoch`` (after ``stages``: in what they left)."""
