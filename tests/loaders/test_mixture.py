@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from resume_helper import run_save_load_state
 
 import dlpipe
 from dlpipe.errors import ConfigError
@@ -229,3 +230,19 @@ def test_unseeded_weights_are_refused_across_ranks(sources):
     mix = dlpipe.interleave_datasets(list(sources), probabilities=[0.5, 0.5])
     with pytest.raises(ConfigError, match="seed"):
         mix.to_torch_dataloader(batch_size=4, world_size=2, rank=0)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("stateful", [False, True])
+def test_a_mixture_resumes_exactly_in_both_loaders(sources, stateful):
+    """``state_dict`` mid-epoch, dlpipe's loader and torchdata's StatefulDataLoader, 2 workers."""
+    pytest.importorskip("torch")
+    if stateful:
+        pytest.importorskip("torchdata")
+    mix = dlpipe.interleave_datasets(list(sources), probabilities=[0.6, 0.4], seed=5).shuffle(seed=2)
+
+    def make():
+        return mix.to_torch_dataloader(batch_size=8, num_workers=2, stateful=stateful)
+
+    full = run_save_load_state(make, (0, 3, 11), key=lambda b: b["rid"].tolist())
+    assert sorted(r for b in full for r in b) == sorted(rids(mix))
