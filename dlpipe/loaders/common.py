@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -146,12 +146,15 @@ def collate(
 
 @dataclass(frozen=True)
 class Window:
-    """A batch-aligned run of one rank's records: ``ranges`` are (shard position, start, stop)."""
+    """A batch-aligned run of one rank's records: ``ranges`` are (shard position, start, stop);
+    ``indices`` (only when ``epoch_windows`` is asked for them): each record's stage index, in
+    the order the records are read."""
 
     index: int
     ranges: tuple[tuple[int, int, int], ...]
     num_records: int
     num_batches: int
+    indices: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
@@ -322,17 +325,15 @@ def epoch_windows(
             if order.sort:
                 runs.sort(key=lambda r: r[:3])
             ranges = [r[:3] for r in runs]
-            idx = np.concatenate([r[3] for r in runs]) if runs else np.zeros(0, np.int64)
+            idx: np.ndarray | None = np.concatenate([r[3] for r in runs]) if runs else np.zeros(0, np.int64)
         else:
+            idx = None
             ranges = [r for _, p, q in spans for r in order.ranges(p, q)]
             if order.sort:
                 ranges.sort()
         if order.sort:
             ranges = _merged(ranges)
-        made = Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size))
-        if indices:
-            object.__setattr__(made, "indices", idx)
-        windows.append(made)
+        windows.append(Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size), idx))
     return windows
 
 
