@@ -401,26 +401,43 @@ def worker_windows(windows: Sequence[Window], num_workers: int, worker_id: int) 
     return list(windows[worker_id :: max(num_workers, 1)])
 
 
-def batches_consumed_per_worker(batches_per_worker: Sequence[int], consumed: int) -> list[int]:
-    """How many batches each worker had yielded after the loader yielded ``consumed`` batches,
-    when batches are taken from workers in turn and exhausted workers are skipped (PyTorch's
-    DataLoader order for iterable datasets)."""
+def resume_point(batches_per_worker: Sequence[int], consumed: int, bundle: int = 1) -> tuple[list[int], int]:
+    """(batches each worker had yielded, worker whose batch comes next) after the loader handed
+    out ``consumed`` batches.
+
+    PyTorch's DataLoader takes an iterable dataset's messages from its workers in turn, skipping
+    exhausted ones. A dlpipe worker sends its batches ``bundle`` at a time (a bundle ends at each
+    multiple of ``bundle`` of the worker's own count, and at its last batch), and the loader
+    hands them out one by one, so the stream is: worker 0's first bundle, worker 1's, ..., then
+    round again. Full rounds are counted arithmetically, the last one message by message; a count
+    that stops inside a bundle leaves that worker next, to finish it.
+    """
+    n, k = len(batches_per_worker), max(int(bundle), 1)
     remaining = list(batches_per_worker)
-    done = [0] * len(remaining)
+    done = [0] * n
     left = consumed
-    while left > 0 and any(remaining):
-        active = [w for w, r in enumerate(remaining) if r > 0]
-        rounds = min(min(remaining[w] for w in active), left // len(active))
-        if rounds == 0:
-            for w in active[:left]:
-                done[w] += 1
-                remaining[w] -= 1
+    while left > 0:
+        active = [w for w in range(n) if remaining[w] > 0]
+        if not active:
             break
-        for w in active:
-            done[w] += rounds
-            remaining[w] -= rounds
-        left -= rounds * len(active)
-    return done
+        rounds = min(min(remaining[w] for w in active) // k, left // (k * len(active)))
+        if rounds:  # every active worker sends ``rounds`` whole bundles
+            for w in active:
+                done[w] += rounds * k
+                remaining[w] -= rounds * k
+            left -= rounds * k * len(active)
+            continue
+        for w in active:  # one round, a message at a time (some are short, or the count ends)
+            size = min(k, remaining[w])
+            taken = min(size, left)
+            done[w] += taken
+            remaining[w] -= taken
+            left -= taken
+            if taken < size:
+                return done, w
+            if left == 0:
+                return done, (w + 1) % n
+    return done, 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ A PyTorch ``state_dict`` says how many batches the loader handed out in the epoc
 in lockstep under DDP, so rank 0's count is every rank's). With the world size, the number of
 workers and the plan settings that count pins down exactly which records were consumed: each
 rank's windows (``common.epoch_windows``), dealt to workers round robin, taken from workers in
-turn (``common.batches_consumed_per_worker``), the last window of each worker part-consumed in
-its permuted batch order (``common.window_batches``). So the state stays small (counts and
+turn a bundle of batches at a time (``common.resume_point``), the last window of each worker
+part-consumed in its permuted batch order (``common.window_batches``). So the state stays small (counts and
 seeds) and the remainder is recomputed where it is loaded.
 
 The remainder is a *stage*: the positions of the epoch order not yet consumed, in order, played
@@ -31,12 +31,13 @@ from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import (
     Remainder,
     Window,
-    batches_consumed_per_worker,
+    resume_point,
     window_batches,
     worker_windows,
 )
 
-# a stage: {"world_size": W, "num_workers": w, "batches_yielded": n}
+# a stage: {"world_size": W, "num_workers": w, "batches_yielded": n, "bundle": k} (batches per
+# worker message, ``torch_data.bundle_size``; 1 in states written before bundles)
 STAGE_KEYS = ("world_size", "num_workers", "batches_yielded")
 
 
@@ -50,18 +51,20 @@ def epoch_remainder(plan: Callable[[int, int, Remainder | None], list[Window]], 
         size = total if remainder is None else remainder.total
         consumed = np.zeros(size, bool)
         world, workers, count = (int(stage[k]) for k in STAGE_KEYS)
+        bundle = int(stage.get("bundle", 1))
         for rank in range(world):
             windows = plan(world, rank, remainder)
-            _mark(consumed, windows, max(workers, 1), count, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                  epoch=epoch, rank=rank)
+            _mark(consumed, windows, max(workers, 1), count, bundle, batch_size=batch_size, shuffle=shuffle,
+                  seed=seed, epoch=epoch, rank=rank)
         remainder = _kept(remainder, np.flatnonzero(~consumed))
     return remainder if remainder is not None else Remainder(np.zeros(1, np.int64), np.array([total]))
 
 
-def _mark(consumed: np.ndarray, windows: list[Window], workers: int, count: int, **draws: Any) -> None:
+def _mark(consumed: np.ndarray, windows: list[Window], workers: int, count: int, bundle: int,
+          **draws: Any) -> None:
     """Mark the records one rank had handed out after ``count`` batches."""
     per_worker = [worker_windows(windows, workers, k) for k in range(workers)]
-    done = batches_consumed_per_worker([sum(w.num_batches for w in ws) for ws in per_worker], count)
+    done, _ = resume_point([sum(w.num_batches for w in ws) for ws in per_worker], count, bundle)
     for ws, left in zip(per_worker, done):
         for w in ws:
             if left <= 0:

@@ -7,6 +7,12 @@ O(1)); when the ring is full (the user holds many batches) a batch of up to ``PI
 pickled through the result pipe, a bigger one as tensors (each of which PyTorch moves into its
 own shared-memory segment). The loaders' iterators turn ring and numpy batches into tensors
 and re-raise a ``WorkerError`` batch as the worker's own exception.
+
+**Bundles.** Under dlpipe's own loader a worker sends its batches a few at a time, as one
+``Bundle`` message: PyTorch's per-message machinery (the index queue, the result pipe, the
+worker's and the main process's bookkeeping) costs about as much as making a small batch, so
+one message per batch made ``num_workers=2`` slower than ``num_workers=0``. The loader's
+iterator hands a bundle's batches out one by one; ``common.resume_point`` counts in bundles.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ PIPE_BYTES = 1 << 20
 class FilteredBatch:
     """What a batch becomes when ``ds.filter`` removed every record of it: sent in its place, so
     the loaders' iterators count it (resume stays exact) and go on to the next batch."""
+
+
+class Bundle(list):
+    """Consecutive batches of one worker, sent as one DataLoader message (see the module
+    docstring); a ``WorkerError`` can only be its last item."""
 
 
 class WorkerError:

@@ -72,6 +72,7 @@ from dlpipe.loaders.common import (  # noqa: E402
     BUCKET_WINDOW_BATCHES,
     MASK,
     buffer_batches,
+    resume_point,
     window_batches,
     worker_windows,
 )
@@ -79,16 +80,19 @@ from dlpipe.loaders.elastic import check_elastic, epoch_remainder  # noqa: E402
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
 from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs, refuse_collate_fn  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
-from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, make_batch, transport  # noqa: E402
+from dlpipe.loaders.torch_batches import Bundle, FilteredBatch, WorkerError, make_batch, transport  # noqa: E402
 from dlpipe.loaders.torch_loader import check_worker_args, make_loader, resolve_world  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
     STATE_VERSION,
     DlpipeDataLoader,
     LoaderWorkerError,
-    resume_point,
 )
 from dlpipe.loaders.windows import read_windows  # noqa: E402
+
+BUNDLE_RECORDS = 2048  # records per worker message, about (``ShardIterableDataset.bundle_size``)
+MAX_BUNDLE = 4  # batches per message, at most: each worker has prefetch_factor messages in flight
+BUNDLE_BYTES = 16 << 20
 
 __all__ = [
     "DlpipeDataLoader",
@@ -184,6 +188,27 @@ class ShardIterableDataset(IterableDataset):
         # set by dlpipe's loaders, whose iterators re-raise WorkerError batches and turn numpy
         # batches from workers into tensors (see ``torch_batches``)
         self.loader_transport = False
+        # batches per worker message; set by DlpipeDataLoader (``bundle_size``), whose iterator
+        # unpacks them. 1 for anyone else's DataLoader, and torchdata's StatefulDataLoader,
+        # which saves each worker's state per message
+        self.bundle = 1
+
+    def bundle_size(self) -> int:
+        """Batches a worker sends per message under dlpipe's loader: about ``BUNDLE_RECORDS``
+        records, at most ``MAX_BUNDLE`` batches and about ``BUNDLE_BYTES`` of stored data (a few
+        big batches go one per message). A function of the dataset and the settings alone, so
+        the order of batches is too (``common.resume_point``)."""
+        records = float(self.batch_size)
+        if self.packer is not None:  # rows of packed records: tokens per batch / mean length
+            opts = self.packer.packing
+            tokens = opts.max_tokens or opts.rows_per_batch * opts.max_length
+            lengths = self.packer.lengths()
+            records = tokens / max(float(lengths.mean()) if len(lengths) else 1.0, 1.0)
+        rows = max(self.source.num_rows, 1)
+        stored = sum(s.num_bytes for s in self.source.shards) / rows  # bytes per record
+        by_records = -(-BUNDLE_RECORDS // max(int(records), 1))
+        by_bytes = int(BUNDLE_BYTES // max(records * stored, 1.0))
+        return max(1, min(MAX_BUNDLE, by_records, by_bytes))
 
     # -- epoch and plan
     @property
@@ -315,7 +340,7 @@ class ShardIterableDataset(IterableDataset):
                     sum(w.num_batches for w in worker_windows(windows, num_workers, k))
                     for k in range(num_workers)
                 ]
-                done, next_worker = resume_point(per_worker, resume["batches_yielded"])
+                done, next_worker = resume_point(per_worker, resume["batches_yielded"], self.bundle)
                 # the DataLoader restarts its round robin at worker 0: rotate roles to match
                 role = (worker_id + next_worker) % num_workers
                 skip = done[role]
@@ -330,6 +355,10 @@ class ShardIterableDataset(IterableDataset):
 
     def _batches(self, windows, epoch: int, skip: int, worker_id: int | None) -> Iterator[Any]:
         in_worker = worker_id is not None and self.loader_transport
+        batches = self._made(windows, epoch, skip, in_worker, worker_id)
+        return self._bundled(batches, skip) if in_worker and self.bundle > 1 else batches
+
+    def _made(self, windows, epoch: int, skip: int, in_worker: bool, worker_id: int | None) -> Iterator[Any]:
         packer = self.packer  # packed batches (dlpipe.loaders.packed), else padded ones
         if packer is None:
             stream = self._padded(windows, epoch, skip, in_worker)
@@ -349,6 +378,23 @@ class ShardIterableDataset(IterableDataset):
             yield WorkerError(e, worker_id)
         finally:
             stream.close()
+
+    def _bundled(self, batches: Iterator[Any], skip: int) -> Iterator[Bundle]:
+        """``batches`` in bundles of ``self.bundle`` that end where this worker's count of the
+        epoch reaches a multiple of it (a resumed worker's first bundle is short), at its last
+        batch and after a ``WorkerError``."""
+        k, count, bundle = self.bundle, skip, Bundle()
+        try:
+            for batch in batches:
+                bundle.append(batch)
+                count += 1
+                if count % k == 0 or isinstance(batch, WorkerError):
+                    yield bundle
+                    bundle = Bundle()
+            if bundle:
+                yield bundle
+        finally:
+            batches.close()
 
     def _padded(self, windows, epoch: int, skip: int, in_worker: bool) -> Iterator[Any]:
         todo, skips = [], []

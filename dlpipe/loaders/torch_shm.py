@@ -49,7 +49,7 @@ try:
 except ImportError:  # not POSIX: batches go through the pipe
     _posixshmem = None
 
-MAX_SLOTS = 16  # per worker: the batches in flight (prefetch) plus those the user holds
+MAX_SLOTS = 24  # per worker: the batches in flight (prefetch_factor bundles) plus those the user holds
 ALIGN = 64
 MIN_SLOT_BYTES = 1 << 16
 SHM_DIR = "/dev/shm"

@@ -3,7 +3,7 @@
 ``DlpipeDataLoader`` counts the batches its iterator hands out in the main process; that count
 and the epoch are its ``state_dict``. Because the epoch plan is a pure function of the settings,
 the count alone says how far every worker got: PyTorch takes batches from workers in turn and
-skips exhausted ones, so ``resume_point`` replays that order arithmetically, each worker skips
+skips exhausted ones, so ``common.resume_point`` replays that order arithmetically, each worker skips
 its finished windows without reading them, and the DataLoader's round robin is rotated so the
 resumed stream continues with the worker that was next (a plain restart would begin at worker 0
 and reorder batches).
@@ -30,7 +30,7 @@ import os
 import signal
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dlpipe._deps import require
@@ -46,7 +46,13 @@ from dlpipe.loaders.torch_faults import (
 torch = require("torch", "dlpipe's PyTorch loader")
 from torch.utils.data import DataLoader  # noqa: E402
 
-from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, identity, numpy_to_tensors  # noqa: E402
+from dlpipe.loaders.torch_batches import (  # noqa: E402
+    Bundle,
+    FilteredBatch,
+    WorkerError,
+    identity,
+    numpy_to_tensors,
+)
 from dlpipe.loaders.torch_shm import Receiver, SlotBatch  # noqa: E402
 
 STATE_VERSION = 3  # 3: the dataset's fingerprint, and stages (elastic resume, loaders.elastic)
@@ -63,35 +69,7 @@ PLAN_KEYS = (
     "packing",  # None, or dlpipe.loaders.packed.PackedEpochs.settings()
 )
 # where the loader runs: DlpipeDataLoader resumes under other ones (loaders.elastic)
-TOPOLOGY_KEYS = ("world_size", "rank", "num_workers")
-
-
-def resume_point(batches_per_worker: Sequence[int], consumed: int) -> tuple[list[int], int]:
-    """(batches each worker had yielded, worker whose batch comes next) after the loader yielded
-    ``consumed`` batches, taking them from workers in turn and skipping exhausted ones.
-
-    Agrees with ``common.batches_consumed_per_worker`` on the counts; also says who is next, which
-    resuming needs to keep the order.
-    """
-    n = len(batches_per_worker)
-    remaining = list(batches_per_worker)
-    done = [0] * n
-    left = consumed
-    while left > 0:
-        active = [w for w in range(n) if remaining[w] > 0]
-        if not active:
-            break
-        rounds = min(min(remaining[w] for w in active), left // len(active))
-        if rounds == 0:  # a partial round ends the count; it began at worker 0 (full rounds did)
-            for w in active[:left]:
-                done[w] += 1
-                remaining[w] -= 1
-            return done, (active[left - 1] + 1) % n
-        for w in active:
-            done[w] += rounds
-            remaining[w] -= rounds
-        left -= rounds * len(active)
-    return done, 0
+TOPOLOGY_KEYS = ("world_size", "rank", "num_workers", "bundle")
 
 
 _RESUME = (
@@ -128,6 +106,7 @@ class LoaderIterator:
         self._on_failure = on_failure
         self._epoch = epoch
         self._yielded = first  # batches of the epoch handed out, counting a resumed start
+        self._bundled: list[Any] = []  # the rest of a worker's Bundle message, last batch first
         self._waiting: float | None = None  # since when a next() waits for the DataLoader
         self._rescued = False
         if getattr(inner, "_workers", None):
@@ -154,7 +133,13 @@ class LoaderIterator:
     def _next(self) -> Any:
         self._waiting = time.monotonic()
         try:
-            batch = next(self._inner)
+            if self._bundled:
+                batch = self._bundled.pop()
+            else:
+                batch = next(self._inner)
+                if isinstance(batch, Bundle):
+                    self._bundled = batch[::-1]
+                    batch = self._bundled.pop()
             if isinstance(batch, SlotBatch):
                 batch = self._receiver.take(batch, self._pin)
             elif isinstance(batch, dict):
@@ -285,6 +270,8 @@ class DlpipeDataLoader(DataLoader):
     def __init__(self, dataset, **kwargs: Any) -> None:
         kwargs.setdefault("collate_fn", identity)
         super().__init__(dataset, batch_size=None, **kwargs)
+        if self.num_workers > 0 and getattr(dataset, "loader_transport", False):
+            dataset.bundle = dataset.bundle_size()  # this loader's iterator unpacks Bundles
         self._batches_yielded = 0
         self._stages: list[dict[str, int]] = []  # earlier topologies of this epoch (loaders.elastic)
         self._receiver = Receiver()  # the workers' shared-memory rings (persistent workers keep theirs)
@@ -342,6 +329,7 @@ class DlpipeDataLoader(DataLoader):
             "stages": [dict(s) for s in self._stages],
             **ds.plan_settings(),
             "num_workers": self.num_workers,
+            "bundle": ds.bundle,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -365,7 +353,8 @@ class DlpipeDataLoader(DataLoader):
         stages = [dict(s) for s in state.get("stages", [])]
         consumed = int(state["batches_yielded"])
         saved = {k: int(state[k]) for k in ("world_size", "num_workers")}
-        if saved != {"world_size": mine["world_size"], "num_workers": self.num_workers}:
+        saved["bundle"] = int(state.get("bundle", 1))  # batches per worker message (loaders.elastic)
+        if saved != {"world_size": mine["world_size"], "num_workers": self.num_workers, "bundle": ds.bundle}:
             ds.check_elastic(saved)
             stages.append({**saved, "batches_yielded": consumed})
             consumed = 0

@@ -10,10 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dlpipe
 from dlpipe.errors import ConfigError, FormatError, MissingDependencyError
-from dlpipe.loaders.common import batches_consumed_per_worker
+from dlpipe.loaders.common import resume_point
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -327,16 +329,40 @@ def test_resume_state_and_epoch_rules(root):
         other.load_state_dict(state)
 
 
-def test_resume_point_agrees_with_common():
-    from dlpipe.loaders.torch_state import resume_point
+def dataloader_order(batches_per_worker, bundle):
+    """(worker, its batch number) in the order PyTorch's DataLoader hands out an iterable
+    dataset's messages (workers in turn, exhausted ones skipped), ``bundle`` batches a message."""
+    sent = [0] * len(batches_per_worker)
+    order = []
+    while any(s < n for s, n in zip(sent, batches_per_worker)):
+        for w, n in enumerate(batches_per_worker):
+            if sent[w] < n:
+                size = min(bundle, n - sent[w])
+                order += [(w, sent[w] + i) for i in range(size)]
+                sent[w] += size
+    return order
 
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        per = rng.integers(0, 6, rng.integers(1, 5)).tolist()
-        consumed = int(rng.integers(0, sum(per) + 1))
-        assert resume_point(per, consumed)[0] == batches_consumed_per_worker(per, consumed)
-    assert resume_point([3, 1], 3) == ([2, 1], 0)  # worker 1 exhausted: worker 0 comes next
-    assert resume_point([3, 3, 3], 4) == ([2, 1, 1], 1)
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 13), min_size=1, max_size=5), st.integers(1, 5), st.data())
+def test_resume_point_replays_the_dataloader_order(per, bundle, data):
+    """Counts and the next worker after any number of batches, against a simulation of the
+    DataLoader; resuming there (roles rotated, each worker's first bundle cut to realign) gives
+    the rest of the same order."""
+    order = dataloader_order(per, bundle)
+    consumed = data.draw(st.integers(0, len(order)))
+    done, nxt = resume_point(per, consumed, bundle)
+    assert done == [sum(1 for w, _ in order[:consumed] if w == k) for k in range(len(per))]
+    n = len(per)
+    roles = [(i + nxt) % n for i in range(n)]  # resumed worker i plays role roles[i]
+    rest, sent = [], [done[r] for r in roles]
+    while any(s < per[r] for s, r in zip(sent, roles)):
+        for i, r in enumerate(roles):
+            if sent[i] < per[r]:
+                size = min(bundle - sent[i] % bundle, per[r] - sent[i])
+                rest += [(r, sent[i] + j) for j in range(size)]
+                sent[i] += size
+    assert order[:consumed] + rest == order
 
 
 # ---------------------------------------------------------------------------------------------

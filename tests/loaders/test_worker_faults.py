@@ -121,18 +121,24 @@ def assert_workers_gone(pids) -> None:
     assert torch_shm_entries([*pids, os.getpid()]) == []
 
 
-@pytest.fixture(scope="module")
-def expected(small):
-    """Epoch 1 of the shuffled small dataset, uninterrupted."""
-    full = make_loader(small, "plain")
+def uninterrupted(small, mode):
+    """Epoch 1 of the shuffled small dataset, uninterrupted, from a ``mode`` loader (dlpipe's
+    loader sends batches in bundles, StatefulDataLoader one per message: their orders differ)."""
+    full = make_loader(small, mode)
     full.set_epoch(1)
     return rids(full)
 
 
+@pytest.fixture(scope="module")
+def expected(small):
+    return uninterrupted(small, "plain")
+
+
 @pytest.mark.parametrize("mode", ["plain", "persistent", "stateful"])
-def test_killed_worker_raises_fast_and_the_last_state_resumes_exactly(small, expected, mode):
+def test_killed_worker_raises_fast_and_the_last_state_resumes_exactly(small, mode):
     if mode == "stateful":
         pytest.importorskip("torchdata")
+    expected = uninterrupted(small, mode)
     loader = make_loader(small, mode)
     loader.set_epoch(1)
     it = iter(loader)
