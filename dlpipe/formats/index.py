@@ -20,10 +20,42 @@ def index_lines(record_offsets: np.ndarray, base: int = 0) -> str:
     n = len(record_offsets) - 1
     if n <= 0:
         return ""
-    pairs = np.empty((n, 2), dtype=np.int64)
-    pairs[:, 0] = record_offsets[:-1] + base
-    pairs[:, 1] = np.diff(record_offsets)
-    return ("%d %d\n" * n) % tuple(pairs.ravel().tolist())
+    offsets = np.asarray(record_offsets, dtype=np.int64)
+    starts = offsets[:-1] + base
+    sizes = np.diff(offsets)
+    if int(starts.min()) < 0 or int(sizes.min()) < 0:  # not a real index; printf writes the signs
+        return ("%d %d\n" * n) % tuple(np.stack([starts, sizes], axis=1).ravel().tolist())
+    # every line is laid out in fixed columns (digits right-aligned, zero-filled), then the
+    # leading zeros are dropped by one mask: no per-line Python. Columns are built as rows of a
+    # transposed block, so that every step is a contiguous pass.
+    a, b = _digits(int(starts.max())), _digits(int(sizes.max()))
+    cols = np.empty((a + b + 2, n), dtype=np.uint8)
+    keep = np.ones((a + b + 2, n), dtype=bool)
+    _decimal(starts, cols[:a], keep[:a])
+    cols[a] = ord(" ")
+    _decimal(sizes, cols[a + 1 : a + 1 + b], keep[a + 1 : a + 1 + b])
+    cols[-1] = ord("\n")
+    return cols.T.copy()[keep.T.copy()].tobytes().decode("ascii")
+
+
+def _digits(hi: int) -> int:
+    return len(str(hi))
+
+
+def _decimal(values: np.ndarray, digits: np.ndarray, keep: np.ndarray) -> None:
+    """Decimal digits (ASCII) of non-negative ints into ``digits`` (one row per decimal place,
+    right-aligned, zero-filled), and in ``keep`` which to write (not the leading zeros)."""
+    width = len(digits)
+    kind = np.uint32 if int(values.max()) < 2**32 else np.uint64
+    ten = kind(10)
+    rest = values.astype(kind)
+    for j in range(width - 1, -1, -1):  # scalar divisors: numpy divides by multiplying
+        q = rest // ten
+        digits[j] = rest - q * ten
+        rest = q
+        if j:
+            keep[j - 1] = q > 0
+    digits += np.uint8(ord("0"))
 
 
 def read_index(path: str | os.PathLike[str] | Location) -> np.ndarray:

@@ -32,26 +32,62 @@ class ScanResult:
     pads: dict[str, list] = field(default_factory=dict)  # sequence column: [(first record, pad values seen)]
 
 
+# rows of a scan task are taken this many bytes at a time: every pass over a block after the
+# first (lengths, value range, varint sizes, pad values) then reads it from the CPU's cache
+_BLOCK_BYTES = 1 << 20
+
+
 def scan_range(bounds: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | None], dict, dict, dict]:
     """One scan task over records ``[start, stop)`` of the current job's source."""
     job = current_job()
     start, stop = bounds
     chunk = job.source.read(start, stop)
-    lengths, is_left = record_lengths(chunk, job.spec, path=job.source.paths[0], first_record=start)
-    # Value ranges over whole rows, padding included: the storage dtype then also holds each
-    # column's pad value, which readers need to re-pad batches.
-    ranges = {
-        name: (data.min().item(), data.max().item())
-        for name, data in chunk.items()
-        if data.dtype.kind in "iub" and data.size
-    }
-    # varint bytes of every integer value, padding included; choose_encodings subtracts the padding
-    varints = {name: varint_bytes_total(data) for name, data in chunk.items() if data.dtype.kind in "iu"}
-    pads = pad_values(chunk, job.spec, lengths, is_left)
+    row_bytes = sum(data[:1].nbytes for data in chunk.values())
+    step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+    lengths, lefts = [], []
+    ranges: dict[str, tuple] = {}
+    varints = {name: 0 for name, data in chunk.items() if data.dtype.kind in "iu"}
+    pads: dict[str, tuple] = {}
+    for a in range(0, stop - start, step):
+        block = {name: data[a : a + step] for name, data in chunk.items()}
+        lens, is_left = record_lengths(block, job.spec, path=job.source.paths[0], first_record=start + a)
+        lengths.append(lens)
+        lefts.append(is_left)
+        for name, data in block.items():
+            # Value ranges over whole rows, padding included: the storage dtype then also holds
+            # each column's pad value, which readers need to re-pad batches.
+            if data.dtype.kind not in "iub" or not data.size:
+                continue
+            lo, hi = data.min().item(), data.max().item()
+            if name in ranges:
+                lo, hi = min(ranges[name][0], lo), max(ranges[name][1], hi)
+            ranges[name] = (lo, hi)
+            # varint bytes of every integer value, padding included; choose_encodings subtracts
+            # the padding
+            if data.dtype.kind in "iu":
+                varints[name] += _varint_total(data, lo, hi)
+        for name, v in pad_values(block, job.spec, lens, is_left).items():
+            seen = pads.get(name, ())
+            pads[name] = (min(seen[0], v[0]), max(seen[1], v[1])) if seen and v else (v or seen)
+    lengths = np.concatenate(lengths) if len(lengths) != 1 else lengths[0]
+    is_left = np.concatenate(lefts) if len(lefts) != 1 else lefts[0]
     # one length (and side, only when a mask can mix sides) per record goes back: keep them narrow
     narrow = lengths.astype(np.min_scalar_type(max(job.spec.max_length, 1)))
     side = is_left if job.spec.method == "mask" else None
     return (narrow, side), ranges, varints, {k: (start, v) for k, v in pads.items()}
+
+
+def _varint_total(data: np.ndarray, lo: int, hi: int) -> int:
+    """``varint_bytes_total(data)`` given the block's min ``lo`` and max ``hi``: without negative
+    values, only a count per varint byte beyond the first that ``hi`` needs."""
+    if lo < 0:
+        return varint_bytes_total(data)
+    total = data.size
+    k = 1
+    while k < 10 and hi >= 1 << (7 * k):
+        total += int(np.count_nonzero(data >= (1 << (7 * k))))
+        k += 1
+    return total
 
 
 def scan(job: Job, pool, show: bool) -> ScanResult:

@@ -66,6 +66,15 @@ def to_batch(chunk, spec: PaddingSpec, encodings, lengths, is_left) -> dict[str,
     return batch
 
 
+ENCODE_BYTES = 2 << 20  # source bytes of the rows encoded at once
+
+
+def _encode_rows(chunk: Mapping[str, np.ndarray]) -> int:
+    """Rows of ``chunk`` to encode at once (a multiple of 64, at least 256)."""
+    row_bytes = sum(data[:1].nbytes for data in chunk.values()) or 1
+    return max(256, ENCODE_BYTES // row_bytes // 64 * 64)
+
+
 class _HashingWriter:
     """A file wrapper that counts and hashes (sha256) every byte written through it."""
 
@@ -107,11 +116,18 @@ def write_shard_task(args) -> ShardInfo:
             for where, ids, chunk in _batches(job, rows):
                 lengths = task_lengths[where].astype(np.int64)
                 is_left = np.full(len(lengths), job.spec.side == "left") if task_left is None else task_left[where]
-                batch = to_batch(chunk, job.spec, encodings, lengths, is_left)
-                buf, offsets = job.fmt.encode_batch(batch, encodings, ids)
-                out.write(memoryview(buf))
-                index_file.write(index_lines(offsets, offset))
-                offset += len(buf)
+                # a chunk is read at once and encoded a few MB of rows at a time: the encoder's
+                # temporaries then stay in cache and the allocator keeps reusing their memory
+                # instead of returning it and faulting it in again
+                step = _encode_rows(chunk)
+                for a in range(0, len(ids), step):
+                    part = slice(a, a + step)
+                    sub = chunk if step >= len(ids) else {name: data[part] for name, data in chunk.items()}
+                    batch = to_batch(sub, job.spec, encodings, lengths[part], is_left[part])
+                    buf, offsets = job.fmt.encode_batch(batch, encodings, ids[part])
+                    out.write(memoryview(buf))
+                    index_file.write(index_lines(offsets, offset))
+                    offset += len(buf)
                 tokens += int(lengths.sum())
                 failpoint("shard-partly-written", task.filename)
             out.write(job.fmt.trailer)

@@ -103,6 +103,24 @@ def test_output_is_identical_for_any_worker_count(npy_corpus, tmp_path):
         assert filecmp.cmp(a / name, b / name, shallow=False), name
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_output_is_identical_for_any_scan_block_and_encode_batch(npy_corpus, tmp_path, monkeypatch, shuffle):
+    """The scan reads a task's rows a block at a time and the writer encodes a chunk a batch of
+    rows at a time; neither granularity shows in the output."""
+    import importlib
+
+    scan, write = importlib.import_module("dlpipe.reshard.scan"), importlib.import_module("dlpipe.reshard.write")
+    a, b = tmp_path / "a", tmp_path / "b"
+    dlpipe.reshard(npy_corpus["specs"], a, pad_id=0, num_shards=1, workers=1, shuffle=shuffle)
+    monkeypatch.setattr(scan, "_BLOCK_BYTES", 1)  # a row per block
+    monkeypatch.setattr(write, "ENCODE_BYTES", 1)  # the fewest rows per batch: 256 of the 500
+    dlpipe.reshard(npy_corpus["specs"], b, pad_id=0, num_shards=1, workers=1, shuffle=shuffle)
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b))
+    for name in names:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
 def test_shuffle_and_splits_follow_the_documented_permutation(npy_corpus, tmp_path):
     out = tmp_path / "out"
     dlpipe.reshard(npy_corpus["specs"], out, pad_id=0, num_shards=2, workers=1, shuffle=True, seed=7,

@@ -26,9 +26,11 @@ from dlpipe.formats.pieces import (
     constant,
     flat_rows,
     optional,
+    piece_size,
     varint,
     varint_bytes,
     varint_size,
+    varint_stream,
 )
 
 _KIND_TAG = {"bytes": 0x0A, "float": 0x12, "int64": 0x1A}
@@ -71,15 +73,11 @@ def int64_payload(name: str, data: np.ndarray, elem_lengths: np.ndarray | None) 
     data = flat_rows(data)
     if elem_lengths is None:
         elem_lengths = np.full(n, data.shape[1], dtype=np.int64)
+    elem_lengths = elem_lengths.astype(np.int64, copy=False)
     values = _real(data, elem_lengths)
     if values.dtype == np.uint64 and values.size and int(values.max()) >= 2**63:
         raise ValueError(f"column {name!r} has uint64 values >= 2**63 that int64_list cannot hold")
-    groups, size = varint_bytes(values.astype(np.int64) if values.dtype == np.uint64 else values)
-    flat = groups[size[:, None] > np.arange(groups.shape[1])]
-    # bytes per record: sizes summed over each record's run of values
-    ends = np.cumsum(elem_lengths.astype(np.int64))
-    csize = np.concatenate([[0], np.cumsum(size)])
-    nbytes = csize[ends] - csize[ends - elem_lengths]
+    flat, nbytes = varint_stream(values.astype(np.int64) if values.dtype == np.uint64 else values, elem_lengths)
     return FeaturePayload(name, "int64", RaggedPiece(flat, nbytes), nbytes)
 
 
@@ -91,26 +89,37 @@ def example_pieces(features: list[FeaturePayload], n: int) -> tuple[list[Piece],
     for f in features:
         key = f.name.encode()
         p = f.nbytes
-        has_field = np.ones(n, dtype=bool) if f.kind == "bytes" else p > 0
-        list_len = np.where(has_field, 1 + varint_size(p) + p, 0)
-        feature_len = 1 + varint_size(list_len) + list_len
-        entry_len = 1 + _vs(len(key)) + len(key)
-        entry_len = entry_len + 1 + varint_size(feature_len) + feature_len
+        # an empty float/int64 list omits its packed field
+        has_field = None if f.kind == "bytes" else p > 0
+        if has_field is not None and has_field.all():
+            has_field = None
+        # lengths bottom-up; each varint piece also gives its size
+        p_field = varint(p)
+        list_len = 1 + piece_size(p_field) + p
+        if has_field is not None:
+            list_len = np.where(has_field, list_len, 0)
+            p_field = optional(p_field, has_field)
+        list_field = varint(list_len)
+        feature_len = 1 + piece_size(list_field) + list_len
+        feature_field = varint(feature_len)
+        entry_len = 1 + _vs(len(key)) + len(key) + 1 + piece_size(feature_field) + feature_len
+        entry_field = varint(entry_len)
+        tag = constant(b"\x0a", n)
         body += [
-            constant(b"\x0a", n),
-            varint(entry_len),
+            tag,
+            entry_field,
             constant(b"\x0a" + _varint1(len(key)) + key + b"\x12", n),
-            varint(feature_len),
+            feature_field,
             constant(bytes([_KIND_TAG[f.kind]]), n),
-            varint(list_len),
-            optional(constant(b"\x0a", n), has_field),
-            optional(varint(p), has_field),
+            list_field,
+            tag if has_field is None else optional(tag, has_field),
+            p_field,
             f.payload,
         ]
-        features_len += 1 + varint_size(entry_len) + entry_len
-    head = [constant(b"\x0a", n), varint(features_len)]
-    total = 1 + varint_size(features_len) + features_len
-    return head + body, total
+        features_len += 1 + piece_size(entry_field) + entry_len
+    head = varint(features_len)
+    total = 1 + piece_size(head) + features_len
+    return [constant(b"\x0a", n), head, *body], np.asarray(total, dtype=np.int64)
 
 
 def encode_examples(features: list[FeaturePayload], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import google_crc32c
 import numpy as np
 
 from dlpipe.errors import FormatError
-from dlpipe.formats.pieces import Piece, RaggedPiece, assemble
+from dlpipe.formats.pieces import Piece, RaggedPiece, assemble, constant
 
 HEADER_BYTES = 12  # length + length-crc
 FOOTER_BYTES = 4
@@ -67,6 +67,20 @@ def _length_crcs(lengths: np.ndarray) -> np.ndarray:
     return _mask(crc32c_many(raw, at, at + 8))
 
 
+def length_crcs(lengths: np.ndarray) -> np.ndarray:
+    """The masked CRC32C of every frame's 8-byte length; each distinct length is hashed once."""
+    hi = int(lengths.max()) if len(lengths) else 0
+    if int(lengths.min()) >= 0 and hi < max(1 << 16, 4 * len(lengths)):
+        seen = np.zeros(hi + 1, dtype=bool)  # the distinct lengths, without sorting
+        seen[lengths] = True
+        uniq = np.flatnonzero(seen)
+        table = np.empty(hi + 1, dtype=np.uint32)
+        table[uniq] = _length_crcs(uniq)
+        return table[lengths]
+    uniq, inverse = np.unique(lengths, return_inverse=True)
+    return _length_crcs(uniq)[inverse.ravel()]
+
+
 def frame_pieces(pieces: list[Piece], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Frame n records given as pieces (``lengths``: payload bytes of each).
 
@@ -77,11 +91,8 @@ def frame_pieces(pieces: list[Piece], lengths: np.ndarray) -> tuple[np.ndarray, 
         return np.empty(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
     header = np.empty((n, HEADER_BYTES), dtype=np.uint8)
     header[:, :8] = lengths.astype("<u8").view(np.uint8).reshape(n, 8)
-    uniq, inverse = np.unique(lengths, return_inverse=True)
-    uniq_crc = _length_crcs(uniq)
-    header[:, 8:] = uniq_crc[inverse].astype("<u4").view(np.uint8).reshape(n, 4)
-    footer = np.zeros((n, FOOTER_BYTES), dtype=np.uint8)
-    out, frame_offsets = assemble([Piece(header, None), *pieces, Piece(footer, None)], n)
+    header[:, 8:] = length_crcs(lengths).astype("<u4").view(np.uint8).reshape(n, 4)
+    out, frame_offsets = assemble([Piece(header, None), *pieces, constant(bytes(FOOTER_BYTES), n)], n)
     starts = frame_offsets[:-1] + HEADER_BYTES
     data_crc = _mask(crc32c_many(out, starts, starts + lengths))
     _scatter_rows(out, frame_offsets[1:] - FOOTER_BYTES, data_crc.astype("<u4").view(np.uint8).reshape(n, 4))
@@ -161,8 +172,7 @@ def check_frame_crcs(buf: np.ndarray, frame_offsets: np.ndarray, *, path=None) -
         i = int(bad[0])
         raise FormatError(path, "record length disagrees with the index", offset=int(frame_offsets[i]),
                           record=i, hint="the shard or its .index file is corrupt")
-    uniq, inverse = np.unique(lengths, return_inverse=True)
-    length_crc = _length_crcs(uniq)[inverse]
+    length_crc = length_crcs(lengths)
     stored = buf[(frame_offsets[:-1, None] + np.arange(8, 12)).ravel()].reshape(n, 4).copy().view("<u4").ravel()
     bad = np.flatnonzero(stored != length_crc)
     if len(bad):
