@@ -84,14 +84,14 @@ def check_ddp(torch, device, data: Path, steps: int) -> dict[str, Any]:
     """DDP at world size 1 (the collective path: NCCL on a GPU) training DeepCAL from dlpipe."""
     import torch.distributed as dist
 
-    from dlpipe.models.deepcal_torch import DeepCalTorch, torch_train_step
+    from dlpipe.models.deepcal_torch import DeepCalTorch, make_optimizer, torch_train_step
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         model = torch.nn.parallel.DistributedDataParallel(
             DeepCalTorch().to(device), device_ids=[device.index] if device.type == "cuda" else None)
-        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        opt = make_optimizer(model)
         loader = dlpipe.load_dataset(data).shuffle(seed=0).to_torch_dataloader(
             batch_size=BATCH, num_workers=2, pin_memory=device.type == "cuda", persistent_workers=True)
         losses, times, it = [], [], iter(loader)
@@ -136,14 +136,14 @@ def check_prefetch(torch, device, data: Path, steps: int) -> dict[str, Any]:
     (the next batch copied on a side stream during the step): the same batches either way,
     and the step-to-step time of each, synchronized at the end."""
     from dlpipe.loaders.torch_prefetch import DevicePrefetcher
-    from dlpipe.models.deepcal_torch import DeepCalTorch, torch_train_step
+    from dlpipe.models.deepcal_torch import DeepCalTorch, make_optimizer, torch_train_step
 
     out: dict[str, Any] = {}
     seen = {}
     for prefetch in (False, True):
         torch.manual_seed(0)
         model = DeepCalTorch().to(device)
-        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        opt = make_optimizer(model)
         loader = dlpipe.load_dataset(data).shuffle(seed=0).to_torch_dataloader(
             batch_size=BATCH, num_workers=2, pin_memory=device.type == "cuda")
         batches = DevicePrefetcher(loader, device, depth=2) if prefetch else loader
@@ -168,10 +168,10 @@ def check_prefetch(torch, device, data: Path, steps: int) -> dict[str, Any]:
 
 def check_step(torch, device, steps: int) -> dict[str, Any]:
     """DeepCAL's train step alone, each synchronized with the device, at two widths."""
-    from dlpipe.models.deepcal_torch import DeepCalTorch, torch_train_step
+    from dlpipe.models.deepcal_torch import DeepCalTorch, make_optimizer, torch_train_step
 
     model = DeepCalTorch().to(device)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    opt = make_optimizer(model)
     out = {}
     for width in (40, 128):
         ids = torch.randint(32, 0x250, (BATCH, width), device=device)

@@ -39,12 +39,12 @@ def train_keras(shards: Path, steps: int, batch_size: int) -> None:
 def train_torch(shards: Path, steps: int, batch_size: int) -> None:
     import torch
 
-    from dlpipe.models.deepcal_torch import DeepCalTorch, torch_train_step
+    from dlpipe.models.deepcal_torch import DeepCalTorch, make_optimizer, torch_train_step
 
     ds = dlpipe.load_dataset(shards, split="train")
     loader = ds.to_torch_dataloader(batch_size=batch_size, shuffle=True, seed=0, num_workers=0)
     model = DeepCalTorch()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model)
     done, epoch, t = 0, 0, time.perf_counter()
     while done < steps:
         loader.set_epoch(epoch)

@@ -137,6 +137,53 @@ def test_trained_weights_copy_between_frameworks():
     np.testing.assert_array_equal(again, want)
 
 
+@pytest.mark.tf
+@pytest.mark.torch
+def test_tf_and_torch_have_equal_gradients():
+    # the PyTorch model runs its convolutions channels-last with its own backward
+    # (_ConvReluMask): its gradients must still be TF's
+    tf = pytest.importorskip("tensorflow")
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_tf import batch_loss as tf_loss
+    from dlpipe.models.deepcal_tf import build_tf_model, weights_from_tf
+    from dlpipe.models.deepcal_torch import DeepCalTorch, batch_loss, weights_from_torch
+
+    w, b = init_weights(4, 128, **SMALL), make_batch(width=16, extra_pad=3, n=8, seed=5)
+    torch_model, tf_model = DeepCalTorch(128, weights=w), build_tf_model(128, weights=w)
+    tensors = {k: torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")}
+    batch_loss(torch_model, tensors, torch.device("cpu")).backward()
+    with torch.no_grad():  # the gradients in the canonical layouts, as if they were weights
+        for p in torch_model.parameters():
+            p.copy_(p.grad)
+    with tf.GradientTape() as tape:
+        loss = tf_loss(tf_model, features(b, tf.constant), tf.constant(b["labels"]))
+    grads = tape.gradient(loss, tf_model.trainable_variables)
+    for v, g in zip(tf_model.trainable_variables, grads, strict=True):
+        v.assign(tf.convert_to_tensor(g))
+    got, want = weights_from_torch(torch_model), weights_from_tf(tf_model)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.torch
+def test_make_optimizer_is_adam_at_1e_3_fused_on_cpu():
+    torch = pytest.importorskip("torch")
+    from dlpipe.models.deepcal_torch import DeepCalTorch, make_optimizer, torch_train_step
+
+    b = make_batch()
+    batch = {k: torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")}
+    models = [DeepCalTorch(seed=1), DeepCalTorch(seed=1)]
+    opts = [make_optimizer(models[0]), torch.optim.Adam(models[1].parameters(), lr=1e-3)]
+    assert isinstance(opts[0], torch.optim.Adam) and opts[0].defaults["lr"] == 1e-3
+    assert opts[0].defaults["fused"]
+    for model, opt in zip(models, opts):
+        for _ in range(5):
+            torch_train_step(model, opt, batch, torch.device("cpu"))
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)  # the same update, up to rounding
+
+
 @pytest.mark.torch
 def test_torch_output_ignores_padding():
     torch = pytest.importorskip("torch")

@@ -25,7 +25,7 @@ import traceback
 from dataclasses import replace
 
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
-from dlpipe.benchmark.machine import pin
+from dlpipe.benchmark.machine import keep_freed_memory, pin
 from dlpipe.errors import DlpipeError
 
 MEASURERS = {"tf": "dlpipe.benchmark.tf_measure", "torch": "dlpipe.benchmark.torch_measure"}
@@ -34,6 +34,7 @@ MEASURERS = {"tf": "dlpipe.benchmark.tf_measure", "torch": "dlpipe.benchmark.tor
 def run_job(job: dict) -> dict:
     framework = job["framework"]
     cpus = job.get("cpus")
+    keep_freed_memory()
     if cpus:
         pin(cpus)
         n = str(len(cpus))

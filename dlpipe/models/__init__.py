@@ -40,19 +40,50 @@ gradients; the loss over the real segments equals the unpacked batch's (0 for an
 Cost: the convolutions run on L + kernel // 2 * (m - 1) positions per row, m the batch's most
 segments in one row (not S: unused slots would widen every row; PyTorch reads m only on CPU,
 elsewhere it uses S rather than wait for the device). For 128-token rows of DeepCAL-like
-addresses (~5.8 records a row, m = 8) that is 142 positions for 127 real tokens, about the
-waste of length buckets (~91% real tokens). Measured on a shared 2-core CPU, the train step
-alone (forward, backward, Adam) on ~256 records a batch, one and two threads: packed rows give
-0.94-0.97x (TF) and 0.91-1.0x (PyTorch) the samples/s of bucketed batches, 1.7-1.8x and
-1.8-2.3x pad-to-longest, ~1.1x the former layout (gaps for all S slots, segment-sum pooling).
-Exact alternatives cost more here. Convolving the rows without gaps and taking back the taps
-that crossed a boundary before each ReLU (per boundary a gather of 2 * (kernel // 2) positions,
-two [kernel // 2 * C]-square matmuls, a scatter back) does the fewest multiplications (~1.2
-positions' worth per boundary, against 2 for a gap) but adds ~25 small ops per layer: 0.86-0.95x
-(TF) and 0.79-0.90x (PyTorch) buckets. Masking each tap by "same segment as the centre" is a
-kernel-fold im2col matmul. With no boundary handling at all (wrong outputs) packing would
-reach 1.02-1.15x buckets: the ceiling for this model at these lengths. ``position_ids`` are
-accepted and unused: the model has no position embedding.
+addresses (~5.8 records a row, m = 8) that is 142 positions for 127 real tokens, about the waste
+of length buckets (~91% real tokens). Measured on a shared 2-core CPU, the train step alone
+(forward, backward, Adam) on ~256 records a batch, one and two threads (before PyTorch's
+channels-last layout, see Speed): packed rows give 0.94-0.97x (TF) and 0.91-1.0x (PyTorch) the
+samples/s of bucketed batches, 1.7-1.8x and 1.8-2.3x pad-to-longest, ~1.1x the former layout
+(gaps for all S slots, segment-sum pooling). Exact alternatives cost more here. Convolving the
+rows without gaps and taking back the taps that crossed a boundary before each ReLU (per
+boundary a gather of 2 * (kernel // 2) positions, two [kernel // 2 * C]-square matmuls, a
+scatter back) does the fewest multiplications (~1.2 positions' worth per boundary, against 2 for
+a gap) but adds ~25 small ops per layer: 0.86-0.95x (TF) and 0.79-0.90x (PyTorch) buckets.
+Masking each tap by "same segment as the centre" is a kernel-fold im2col matmul. With no
+boundary handling at all (wrong outputs) packing would reach 1.02-1.15x buckets: the ceiling for
+this model at these lengths. ``position_ids`` are accepted and unused: the model has no position
+embedding.
+
+Speed: the layers are equal in both frameworks, their memory layouts are not alike by default.
+``DeepCalTorch`` keeps activations [B, L, C] (TF's NWC) and runs each convolution as a conv2d
+over their [B, C, 1, L] view in channels_last memory, which is the same tensor as it is: no
+transposed copy, and oneDNN's fast layout (forward and backward ~2.2x as fast as conv1d on a
+[B, C, L] copy at L = 128, ~1.5x at L = 24). ReLU and mask act in place on the convolution's
+output, with one backward pass for both (``deepcal_torch._ConvReluMask``); the embedding reads
+padding from an appended zero row instead of multiplying by the mask;
+``deepcal_torch.make_optimizer`` is a fused Adam (~1 ms a step). Measured on the shared 2-core
+CPU, two threads, the train step alone (forward, backward, Adam) on random ids at DeepCAL-like
+lengths, each framework and shape in a process of its own, run back to back 7 times; ms per
+step, the median of 5 blocks of >= 0.4 s (blocks in which other processes used the CPU
+dropped); TF/PyTorch is the median of the 7 runs' ratios:
+
+    shape                          TF   PyTorch before -> after   TF/PyTorch before -> after
+    [256, 128] (fixed)             59   102 -> 77 (55)            0.56 -> 0.76 (1.10)
+    [256, ~47] (pad to longest)    28    43 -> 26 (23)            0.69 -> 1.07 (1.20)
+    [256, 16..32] (buckets)        16    17 -> 14 (13)            0.85 -> 1.21 (1.05)
+    [45, 128] packed (~144 wide)   16    24 -> 16 (14)            0.77 -> 1.00 (1.12)
+
+The convolutions run at ~175 GFLOP/s in both frameworks, near this CPU's fp32 peak. Most of
+what is left at [256, 128] is glibc malloc: it hands the step's ~56 MB of fresh [B, L, C]
+buffers back to the kernel and page-faults them in again the next step (~10,000 faults, ~30 ms
+of system CPU time a step), where TF's allocator keeps its memory. In parentheses: the same
+process with ``mallopt`` M_TRIM_THRESHOLD and M_MMAP_THRESHOLD raised (MALLOC_TRIM_THRESHOLD_ /
+MALLOC_MMAP_THRESHOLD_ in the environment, or jemalloc / tcmalloc, do the same). Slower here,
+per layer against the channels-last conv at L = 128 and 24: an im2col matmul (unfold, one
+matmul: ~3x, ~1.5x), five shifted matmuls (~2.2x, ~1.4x), oneDNN off (~15x the forward); and
+autograd's own in-place ReLU and mask on the permuted view (its CopySlices copies: +15 ms a
+step at [256, 128]).
 
 ``init_weights(seed)`` is the one numpy weight dict both frameworks load (Keras layouts: conv
 kernels ``(k, in, out)``, dense ``(in, out)``); its shapes define the architecture.

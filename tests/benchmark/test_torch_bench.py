@@ -148,6 +148,7 @@ def tiny_deepcal(monkeypatch):
 
     mod = types.ModuleType("dlpipe.models.deepcal_torch")
     mod.DeepCalTorch, mod.torch_train_step = DeepCalTorch, torch_train_step
+    mod.make_optimizer = lambda model: torch.optim.Adam(model.parameters(), lr=1e-3)
     monkeypatch.setitem(sys.modules, "dlpipe.models.deepcal_torch", mod)
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.drive import step_seconds
+from dlpipe.benchmark.machine import keep_freed_memory
 from dlpipe.benchmark.modes import efficiency, plan
 from dlpipe.benchmark.tf_measure.device import (
     PROFILE_STEPS,
@@ -61,7 +62,9 @@ def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
     threads = tf.config.threading.get_inter_op_parallelism_threads() or len(os.sched_getaffinity(0))
     notes = [f"model {model.spec}" + (f" (stands in for a {cfg.step_s * 1e3:.1f} ms step)" if cfg.step_s else ""),
              f"device {device}, {len(os.sched_getaffinity(0))} CPUs in this process's set, "
-             f"inter-op threads {threads}"]  # fmt: skip
+             f"inter-op threads {threads}"
+             + ("; glibc malloc keeps freed memory (trim/mmap thresholds raised, in both frameworks)"
+                if keep_freed_memory() else "")]  # fmt: skip
     notes.append(f"padding: {plan(cfg.padding, cfg.data, cfg.batch_size).text} ({cfg.padding})")
     dataset = _dlpipe_dataset(cfg, notes=notes)  # first: a loader without the mode fails early
     stages = _dlpipe_stages(cfg, info, model, device, notes)

@@ -73,7 +73,7 @@ class _Model:
             if ddp:
                 ids = [device.index] if device.type == "cuda" else None
                 net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            opt = mod.make_optimizer(net)  # Adam, fused where the device has it
 
             def step(batch: dict) -> None:
                 mod.torch_train_step(net, opt, batch, device)

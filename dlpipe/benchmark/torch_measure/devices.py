@@ -10,6 +10,7 @@ import tempfile
 from typing import Any
 
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.machine import keep_freed_memory
 from dlpipe.benchmark.torch_measure.device import (
     EPOCH_CHECK_BATCHES,
     _device,
@@ -30,6 +31,7 @@ def _free_port() -> int:
 
 
 def _device_rank(rank: int, cfg_json: dict, port: int, out_dir: str, backend: str) -> None:
+    keep_freed_memory()  # a spawned process: as the bench's own measuring processes
     torch = _torch()
     dist = torch.distributed
     cfg = BenchConfig.from_json(cfg_json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.drive import step_seconds
+from dlpipe.benchmark.machine import keep_freed_memory
 from dlpipe.benchmark.modes import plan
 from dlpipe.benchmark.torch_measure.device import _device, _Model, _to, _torch
 from dlpipe.benchmark.torch_measure.stages import (
@@ -43,7 +44,9 @@ def measure_dlpipe(cfg: BenchConfig) -> FrameworkResult:
         f"model {model.spec}"
         + (f" (stands in for a {cfg.step_s * 1e3:.1f} ms step)" if stands_in else ""),
         f"rank {cfg.rank} of {cfg.world_size}: {len(loader)} batches per epoch, "
-        f"num_workers={cfg.num_workers}, torch threads {torch.get_num_threads()}",
+        f"num_workers={cfg.num_workers}, torch threads {torch.get_num_threads()}"
+        + ("; glibc malloc keeps freed memory (trim/mmap thresholds raised, as a caching "
+           "allocator would, in both frameworks)" if keep_freed_memory() else ""),
     ]
     notes.append(f"padding: {plan(cfg.padding, cfg.data, cfg.batch_size).text} ({cfg.padding})")
     stages = _dlpipe_stages(cfg, loader, model, device, notes)
