@@ -184,22 +184,24 @@ def reshard(
             return _summary(out, source, tasks, time.perf_counter() - t0, written=0, reused=len(tasks))
 
         todo = [t for t in tasks if t.filename not in done]
-        stats = dict(done)
+        infos = dict(done)
         with Progress(n, "write", enabled=show) as bar:
             bar.update(sum(s.num_records for s in done.values()))
             args = [task_args(t, bounds, order, encodings, lengths, found.is_left) for t in todo]
-            for task, info in zip(todo, pool.map(write_shard_task, args)):
-                stats[task.filename] = info
+            # a pool takes every task now: the manifest's parts are made while its workers write
+            written = pool.map(write_shard_task, args)
+            source_info = {
+                "kind": source.kind, "paths": source.origins or source.paths, "fingerprint": source.fingerprint(),
+                "num_records": n, "num_bytes": source.num_bytes,
+                "columns": {k: {"dtype": c.dtype.name, "shape": list(c.shape)} for k, c in source.columns.items()},
+            }
+            # the stats are order-free; percentiles of sorted lengths partition faster (same values)
+            stats = column_stats(spec, encodings, np.sort(lengths, kind="stable"), pad_value)
+            for task, info in zip(todo, written):
+                infos[task.filename] = info
                 bar.update(task.num_records)
 
-        shard_infos = [stats[t.filename] for t in tasks]
-        source_info = {
-            "kind": source.kind, "paths": source.origins or source.paths, "fingerprint": source.fingerprint(),
-            "num_records": n, "num_bytes": source.num_bytes,
-            "columns": {k: {"dtype": c.dtype.name, "shape": list(c.shape)} for k, c in source.columns.items()},
-        }
-        # the stats are order-free; percentiles of sorted lengths partition faster (same values)
-        stats = column_stats(spec, encodings, np.sort(lengths, kind="stable"), pad_value)
+        shard_infos = [infos[t.filename] for t in tasks]
         manifest = build_manifest(fmt=format, compression=compression, columns=encodings, shards=shard_infos,
                                   column_stats=stats,
                                   source=source_info, plan=plan, version=__version__)
