@@ -18,7 +18,7 @@ iterator hands a bundle's batches out one by one; ``common.resume_point`` counts
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,25 @@ class FilteredBatch:
 class Bundle(list):
     """Consecutive batches of one worker, sent as one DataLoader message (see the module
     docstring); a ``WorkerError`` can only be its last item."""
+
+
+def bundled(batches: Iterator[Any], size: int, done: int) -> Iterator[Bundle]:
+    """A worker's ``batches`` in bundles of ``size`` that end where its count of the epoch
+    (``done`` batches before these) reaches a multiple of ``size`` (a resumed worker's first
+    bundle is short, so the order lines up with ``common.resume_point``), at its last batch and
+    after a ``WorkerError``."""
+    count, bundle = done, Bundle()
+    try:
+        for batch in batches:
+            bundle.append(batch)
+            count += 1
+            if count % size == 0 or isinstance(batch, WorkerError):
+                yield bundle
+                bundle = Bundle()
+        if bundle:
+            yield bundle
+    finally:
+        batches.close()
 
 
 class WorkerError:

@@ -80,7 +80,7 @@ from dlpipe.loaders.elastic import check_elastic, epoch_remainder  # noqa: E402
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
 from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs, refuse_collate_fn  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
-from dlpipe.loaders.torch_batches import Bundle, FilteredBatch, WorkerError, make_batch, transport  # noqa: E402
+from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, bundled, make_batch, transport  # noqa: E402
 from dlpipe.loaders.torch_loader import check_worker_args, make_loader, resolve_world  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
@@ -356,7 +356,7 @@ class ShardIterableDataset(IterableDataset):
     def _batches(self, windows, epoch: int, skip: int, worker_id: int | None) -> Iterator[Any]:
         in_worker = worker_id is not None and self.loader_transport
         batches = self._made(windows, epoch, skip, in_worker, worker_id)
-        return self._bundled(batches, skip) if in_worker and self.bundle > 1 else batches
+        return bundled(batches, self.bundle, skip) if in_worker and self.bundle > 1 else batches
 
     def _made(self, windows, epoch: int, skip: int, in_worker: bool, worker_id: int | None) -> Iterator[Any]:
         packer = self.packer  # packed batches (dlpipe.loaders.packed), else padded ones
@@ -378,23 +378,6 @@ class ShardIterableDataset(IterableDataset):
             yield WorkerError(e, worker_id)
         finally:
             stream.close()
-
-    def _bundled(self, batches: Iterator[Any], skip: int) -> Iterator[Bundle]:
-        """``batches`` in bundles of ``self.bundle`` that end where this worker's count of the
-        epoch reaches a multiple of it (a resumed worker's first bundle is short), at its last
-        batch and after a ``WorkerError``."""
-        k, count, bundle = self.bundle, skip, Bundle()
-        try:
-            for batch in batches:
-                bundle.append(batch)
-                count += 1
-                if count % k == 0 or isinstance(batch, WorkerError):
-                    yield bundle
-                    bundle = Bundle()
-            if bundle:
-                yield bundle
-        finally:
-            batches.close()
 
     def _padded(self, windows, epoch: int, skip: int, in_worker: bool) -> Iterator[Any]:
         todo, skips = [], []
