@@ -30,6 +30,7 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     ),
     "dlpipe-torch-w2": ("torch", "the same, `num_workers=2`"),
     "dlpipe-torch-w0-bucket": ("torch", '`num_workers=0`, `bucket_boundaries="auto"`'),
+    "dlpipe-torch-w2-bucket": ("torch", "the same, `num_workers=2`"),
     "dlpipe-torch-w0-map10us": (
         "torch",
         "`ds.map(f)` with f a ~10 µs per-record Python function (a tokenize/augment stand-in:"
@@ -42,6 +43,7 @@ CONTENDERS: dict[str, tuple[str, str]] = {
         " batch_size = round(256 x mean length / (max_length x 0.98)) rows, about 256 records"
         " per batch (`dlpipe.benchmark.modes`); samples/s counts records",
     ),
+    "dlpipe-torch-w2-packed": ("torch", "the same, `num_workers=2`"),
     "tfrecord-torch-w0": (
         "torch",
         "`tfrecord.torch.MultiTFRecordDataset` (dlpipe's `.index` files) + padding collate, 0 workers",
@@ -356,6 +358,7 @@ NEEDS = {
     "dlpipe-tf-bucket": ("dlpipe.loaders.tf_data.to_tf_dataset", "bucket_boundaries"),
     "dlpipe-tf-packed": ("dlpipe.loaders.tf_data.to_tf_dataset", "packing"),
     "dlpipe-torch-w0-packed": ("dlpipe.loaders.torch_data.to_torch_dataloader", "packing"),
+    "dlpipe-torch-w2-packed": ("dlpipe.loaders.torch_data.to_torch_dataloader", "packing"),
 }
 
 
@@ -369,9 +372,11 @@ def side_makers(
         "dlpipe-torch-w0": lambda: dlpipe_torch(shards, 0),
         "dlpipe-torch-w2": lambda: dlpipe_torch(shards, 2),
         "dlpipe-torch-w0-bucket": lambda: dlpipe_torch(shards, 0, bucket=True),
+        "dlpipe-torch-w2-bucket": lambda: dlpipe_torch(shards, 2, bucket=True),
         "dlpipe-torch-w0-map10us": lambda: dlpipe_torch_map(shards, 0),
         "dlpipe-torch-w2-map10us": lambda: dlpipe_torch_map(shards, 2),
         "dlpipe-torch-w0-packed": lambda: dlpipe_torch(shards, 0, packed=True),
+        "dlpipe-torch-w2-packed": lambda: dlpipe_torch(shards, 2, packed=True),
         "tfrecord-torch-w0": lambda: tfrecord_torch(shards, 0),
         "tfrecord-torch-w2": lambda: tfrecord_torch(shards, 2),
         "wds-torch-w0": lambda: wds_torch(shards, 0),

@@ -67,6 +67,12 @@ def judge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           best(by, "dlpipe-torch-w0-packed"), best(by, "dlpipe-torch-w0"), 0.8)  # fmt: skip
     ratio("packing ÷ the same loader without it (TF)", best(by, "dlpipe-tf-packed"), tf, 0.8)
     ratio("TF with bucket_boundaries=\"auto\" ÷ TF without", best(by, "dlpipe-tf-bucket"), tf, 0.9)
+    for mode, tf_name, torch_names in (
+        ("buckets", "dlpipe-tf-bucket", ("dlpipe-torch-w0-bucket", "dlpipe-torch-w2-bucket")),
+        ("packing", "dlpipe-tf-packed", ("dlpipe-torch-w0-packed", "dlpipe-torch-w2-packed")),
+    ):
+        ratio(f"TF/PyTorch parity with {mode}: dlpipe to_tf_dataset ÷ dlpipe torch (best of 0/2 workers)",
+              best(by, tf_name), best(by, *torch_names), 0.8, 1.25)  # fmt: skip
     for name in ("dlpipe-torch-w0-bucket", "dlpipe-tf-bucket"):
         eff = by[name]["padding_efficiency"] if name in by else None
         verdict = "n/a" if eff is None else ("PASS" if eff >= 0.9 else "FAIL")
