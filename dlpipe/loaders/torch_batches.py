@@ -34,6 +34,9 @@ from dlpipe.loaders.transforms import Transform, apply_transforms, collate_recor
 torch = require("torch", "dlpipe's PyTorch loader")
 
 PIPE_BYTES = 1 << 20
+BUNDLE_RECORDS = 2048  # records per worker message, about
+MAX_BUNDLE = 4  # batches per message, at most: each worker has prefetch_factor messages in flight
+BUNDLE_BYTES = 16 << 20  # stored bytes per message, about
 
 
 class FilteredBatch:
@@ -44,6 +47,14 @@ class FilteredBatch:
 class Bundle(list):
     """Consecutive batches of one worker, sent as one DataLoader message (see the module
     docstring); a ``WorkerError`` can only be its last item."""
+
+
+def bundle_size(records_per_batch: float, stored_bytes_per_record: float) -> int:
+    """Batches per worker message: about ``BUNDLE_RECORDS`` records, at most ``MAX_BUNDLE``
+    batches and about ``BUNDLE_BYTES`` of stored data (a few big batches go one per message)."""
+    by_records = -(-BUNDLE_RECORDS // max(int(records_per_batch), 1))
+    by_bytes = int(BUNDLE_BYTES // max(records_per_batch * stored_bytes_per_record, 1.0))
+    return max(1, min(MAX_BUNDLE, by_records, by_bytes))
 
 
 def bundled(batches: Iterator[Any], size: int, done: int) -> Iterator[Bundle]:

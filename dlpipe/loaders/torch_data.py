@@ -80,7 +80,14 @@ from dlpipe.loaders.elastic import check_elastic, epoch_remainder  # noqa: E402
 from dlpipe.loaders.options import LoaderOptions, resolve_shuffle  # noqa: E402
 from dlpipe.loaders.packed import PACKED_KEYS, PackedEpochs, refuse_collate_fn  # noqa: E402
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: E402
-from dlpipe.loaders.torch_batches import FilteredBatch, WorkerError, bundled, make_batch, transport  # noqa: E402
+from dlpipe.loaders.torch_batches import (  # noqa: E402
+    FilteredBatch,
+    WorkerError,
+    bundle_size,
+    bundled,
+    make_batch,
+    transport,
+)
 from dlpipe.loaders.torch_loader import check_worker_args, make_loader, resolve_world  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
@@ -89,10 +96,6 @@ from dlpipe.loaders.torch_state import (  # noqa: E402
     LoaderWorkerError,
 )
 from dlpipe.loaders.windows import read_windows  # noqa: E402
-
-BUNDLE_RECORDS = 2048  # records per worker message, about (``ShardIterableDataset.bundle_size``)
-MAX_BUNDLE = 4  # batches per message, at most: each worker has prefetch_factor messages in flight
-BUNDLE_BYTES = 16 << 20
 
 __all__ = [
     "DlpipeDataLoader",
@@ -194,21 +197,15 @@ class ShardIterableDataset(IterableDataset):
         self.bundle = 1
 
     def bundle_size(self) -> int:
-        """Batches a worker sends per message under dlpipe's loader: about ``BUNDLE_RECORDS``
-        records, at most ``MAX_BUNDLE`` batches and about ``BUNDLE_BYTES`` of stored data (a few
-        big batches go one per message). A function of the dataset and the settings alone, so
-        the order of batches is too (``common.resume_point``)."""
+        """Batches a worker sends per message under dlpipe's loader (``torch_batches.bundle_size``
+        of this dataset and settings, so the order of batches is fixed by them too)."""
         records = float(self.batch_size)
         if self.packer is not None:  # rows of packed records: tokens per batch / mean length
-            opts = self.packer.packing
+            opts, lengths = self.packer.packing, self.packer.lengths()
             tokens = opts.max_tokens or opts.rows_per_batch * opts.max_length
-            lengths = self.packer.lengths()
             records = tokens / max(float(lengths.mean()) if len(lengths) else 1.0, 1.0)
-        rows = max(self.source.num_rows, 1)
-        stored = sum(s.num_bytes for s in self.source.shards) / rows  # bytes per record
-        by_records = -(-BUNDLE_RECORDS // max(int(records), 1))
-        by_bytes = int(BUNDLE_BYTES // max(records * stored, 1.0))
-        return max(1, min(MAX_BUNDLE, by_records, by_bytes))
+        stored = sum(s.num_bytes for s in self.source.shards) / max(self.source.num_rows, 1)
+        return bundle_size(records, stored)
 
     # -- epoch and plan
     @property

@@ -68,9 +68,6 @@ PLAN_KEYS = (
     "uneven",
     "packing",  # None, or dlpipe.loaders.packed.PackedEpochs.settings()
 )
-# where the loader runs: DlpipeDataLoader resumes under other ones (loaders.elastic)
-TOPOLOGY_KEYS = ("world_size", "rank", "num_workers", "bundle")
-
 
 _RESUME = (
     "To continue exactly where it stopped: loader.load_state_dict(loader.state_dict()) (the "
