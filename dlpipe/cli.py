@@ -221,6 +221,15 @@ def _int_list(ctx, param, value: str) -> list[int]:
         raise click.BadParameter(f"{value!r}: give counts like 1,2") from None
 
 
+def _workers(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give auto or a count like 2") from None
+
+
 @main.command()
 @click.argument("data", required=False, metavar="[DATA]")
 @click.option("--frameworks", default="tf,torch", show_default=True, help="Frameworks to measure: tf, torch.")
@@ -235,7 +244,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
               "(min-max).")
 @click.option("--model", default="deepcal", show_default=True, help="deepcal: calibrate a real DeepCAL step, "
               "then stand it in with a sleep of that length (MLPerf Storage's method); sleep:MS; none.")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="PyTorch DataLoader workers.")
+@click.option("--num-workers", default="auto", show_default=True, callback=_workers, help="PyTorch DataLoader workers per "
+              "measuring process: a count, or auto (one per CPU of the process's share when it has 2 or more, "
+              "else 0: the same CPUs a tf.data pipeline spreads over).")
 @click.option("--records", type=int, default=200_000, show_default=True, help="Size of the built-in corpus "
               "when DATA is omitted.")
 @click.option("--profile", is_flag=True, help="Also write a torch.profiler and a TensorFlow profiler trace "

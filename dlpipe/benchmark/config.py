@@ -24,6 +24,18 @@ STAGES = ("read", "parse", "shuffle", "batch", "h2d", "step")
 PARITY_RANGE = (0.8, 1.25)
 
 
+def workers_for(num_workers: int | str, cpus: int, replicas: int = 1) -> int:
+    """The PyTorch DataLoader workers of a measuring process that has ``cpus`` CPUs for
+    ``replicas`` model replicas (DDP ranks sharing them). ``"auto"``: one worker per CPU of a
+    replica's share when it has two or more, else none. Like with like: a lone tf.data pipeline
+    spreads its parse over every CPU of its process, and PyTorch's way to do the same is workers;
+    on a single CPU a worker only adds a hand-off to the main process."""
+    if num_workers != "auto":
+        return int(num_workers)
+    share = cpus // max(replicas, 1)
+    return share if share >= 2 else 0
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What one measuring process does. Rates are records (samples) per second."""
@@ -41,7 +53,7 @@ class BenchConfig:
     devices: int = 1  # for measure_devices: how many (GPUs, or logical CPU devices / gloo ranks)
     world_size: int = 1  # this process's share of the shards: rank of world_size
     rank: int = 0
-    num_workers: int = 0  # PyTorch DataLoader workers
+    num_workers: int | str = 0  # DataLoader workers; "auto": worker.run_job sets ``workers_for``
     seed: int = 0
     profile_dir: str | None = None  # write a framework profiler trace here when set
     padding: str = "longest"  # how batches are shaped: dlpipe.benchmark.modes.MODES

@@ -10,7 +10,7 @@ the process's global backend or keeping figures alive.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,12 @@ def render_report(results: Mapping[str, Any]) -> str:
                 f"| {'yes' if p['within'] else 'NO'} |"
             )
 
+    if results["parity"] and results["config"].get("num_workers") == "auto":
+        out += ["", "PyTorch's DataLoader had `num_workers=auto`: one worker per CPU of a process's share "
+                "when it has two or more, the CPUs a tf.data pipeline spreads its parse over; none on a "
+                "single CPU, where a worker would only add a hand-off to the main process."]  # fmt: skip
+    out += _scaling_lines(results["runs"])
+
     if results.get("padding_modes"):
         from dlpipe.benchmark.mode_summary import render_modes
 
@@ -188,6 +194,28 @@ def render_report(results: Mapping[str, Any]) -> str:
 
     out += ["", HOW_TO_READ]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _scaling_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """2 CPU processes ÷ 1, per framework: against one process pinned to one of the two CPU sets
+    (the target: the same cores per process) and, for information, one process on all CPUs."""
+    rate = {(r["framework"], r["setting"]): r["samples_per_s"]["median"] for r in runs
+            if r["loader"] == "dlpipe" and r["samples_per_s"]}  # fmt: skip
+    rows = []
+    for fw in dict.fromkeys(r["framework"] for r in runs):
+        two, pinned, whole = (rate.get((fw, s)) for s in ("cpu-procs=2", "cpu-procs=1 cpus=1/2", "cpu-procs=1"))
+        if two and (pinned or whole):
+            ratio = [f"{two / one:.2f}" if one else "n/a" for one in (pinned, whole)]
+            rows.append(f"| {fw} | {format_rate(two)} | {ratio[0]} | {ratio[1]} |")
+    if not rows:
+        return []
+    return ["", "## Scaling (2 CPU processes ÷ 1)", "",
+            "Each of the 2 processes is pinned to its own CPU set. The target (>= 1.6) divides by one "
+            "process pinned to one of those sets: the same cores per process. Divided by one process "
+            "on all CPUs it says less: a lone process already spreads its pipeline over every CPU "
+            "(tf.data's parallel map, PyTorch's workers), so 2 processes add no cores.", "",
+            "| framework | 2 processes samples/s | ÷ 1 process on one set | ÷ 1 process on all CPUs |",
+            "|---|---:|---:|---:|", *rows]  # fmt: skip
 
 
 def _label(run: Mapping[str, Any]) -> str:

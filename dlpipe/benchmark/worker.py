@@ -24,7 +24,7 @@ import time
 import traceback
 from dataclasses import replace
 
-from dlpipe.benchmark.config import BenchConfig, FrameworkResult
+from dlpipe.benchmark.config import BenchConfig, FrameworkResult, workers_for
 from dlpipe.benchmark.machine import keep_freed_memory, pin
 from dlpipe.errors import DlpipeError
 
@@ -46,6 +46,7 @@ def run_job(job: dict) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     measurer = importlib.import_module(MEASURERS[framework])
     cfg = BenchConfig.from_json(job["config"])
+    cfg = replace(cfg, num_workers=workers_for(cfg.num_workers, len(os.sched_getaffinity(0)), cfg.devices))
     out: dict = {"framework": framework, "rank": cfg.rank, "cpus": cpus}
     for phase in job["phases"]:
         start = time.perf_counter()

@@ -33,6 +33,7 @@ from dlpipe.benchmark import (
     write_plots,
 )
 from dlpipe.benchmark import machine as machine_mod
+from dlpipe.benchmark.config import workers_for
 from dlpipe.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -295,6 +296,22 @@ def test_report_names_the_constraint_and_tables():
     assert "| tf | cpu-procs=1 | baseline-tfrecorddataset | 10k | 39k | 3.90x |" in text
     assert "| parity | 1.1 | >= 0.8 and <= 1.25 | PASS |" in text
     assert "## How to read this" in text
+
+
+def test_report_scaling_divides_by_the_pinned_and_the_whole_machine_process():
+    r = sample_results()
+    r["runs"].append(make_run("tf", "cpu-procs=1 cpus=1/2", "dlpipe", [35_000]))
+    text = render_report(r)
+    assert "## Scaling (2 CPU processes ÷ 1)" in text
+    assert "| tf | 70k | 2.00 | 1.79 |" in text  # 70k / 35k pinned, 70k / 39k on all CPUs
+    assert "| torch | 40k | n/a | 1.14 |" in text  # no pinned run: that ratio is not made up
+
+
+@pytest.mark.parametrize(("value", "cpus", "replicas", "want"),
+                         [("auto", 2, 1, 2), ("auto", 1, 1, 0), ("auto", 2, 2, 0), ("auto", 16, 2, 8),
+                          (0, 2, 1, 0), (3, 1, 1, 3)])  # fmt: skip
+def test_workers_for_auto_gives_a_replica_its_cpus(value, cpus, replicas, want):
+    assert workers_for(value, cpus, replicas) == want
 
 
 def test_plots_are_pngs(tmp_path):

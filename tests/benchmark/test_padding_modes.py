@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 
 import numpy as np
 import pytest
@@ -209,7 +210,14 @@ def test_run_bench_measures_each_mode_and_names_the_fastest(data, tmp_path):
     assert fastest["padding"] in measured and "is fastest" in fastest["line"]
     report = (tmp_path / "report.md").read_text()
     assert f"**Fastest** — torch: `{fastest['padding']}` is fastest" in report
-    assert load(tmp_path)["config"]["padding"] == list(MODES)
+    saved = load(tmp_path)
+    assert saved["config"]["padding"] == list(MODES) and saved["config"]["num_workers"] == "auto"
+    # auto: the measuring process (on every CPU here) got one DataLoader worker per CPU, or none on 1
+    from dlpipe.benchmark.config import workers_for
+
+    (loader_run,) = [run for run in saved["runs"] if run["setting"] == "cpu-procs=1"]
+    workers = workers_for("auto", len(os.sched_getaffinity(0)))
+    assert any(f"num_workers={workers}," in note for note in loader_run["notes"])
     with pytest.raises(ConfigError, match="padding mode"):
         run_bench(data, output=tmp_path, frameworks=["torch"], padding="sorted")
 

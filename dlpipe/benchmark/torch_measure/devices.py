@@ -10,7 +10,7 @@ import tempfile
 from typing import Any
 
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
-from dlpipe.benchmark.machine import keep_freed_memory
+from dlpipe.benchmark.machine import cpu_sets, keep_freed_memory, pin
 from dlpipe.benchmark.torch_measure.device import (
     EPOCH_CHECK_BATCHES,
     _device,
@@ -38,9 +38,12 @@ def _device_rank(rank: int, cfg_json: dict, port: int, out_dir: str, backend: st
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-    else:  # the ranks share this process's CPUs
+    else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.devices))
+        share = len(os.sched_getaffinity(0)) // cfg.devices
+        if share:  # each rank on its own CPUs, as each GPU rank has its own cores: unpinned,
+            pin(cpu_sets(cfg.devices)[rank])  # the ranks' threads migrate and halve throughput
+        torch.set_num_threads(max(1, share))
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.devices
     )
@@ -103,6 +106,8 @@ def measure_devices(cfg: BenchConfig) -> FrameworkResult:
     )
     spec = parse_model_spec(cfg.model)
     sync = "DDP-wrapped" if spec.kind == "deepcal" else "ranks kept in step by an all-reduce"
+    if not cuda and len(os.sched_getaffinity(0)) >= cfg.devices:
+        sync += f"; each rank pinned to its own CPU set of {len(os.sched_getaffinity(0)) // cfg.devices}"
     notes = [
         f"{backend} over {cfg.devices} {'GPUs' if cuda else 'CPU processes'}, model {spec}, {sync}",
         f"batches per rank per epoch ({what}): {counted if None not in counted else planned} -> "
