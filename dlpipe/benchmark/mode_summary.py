@@ -128,7 +128,7 @@ def render_modes(summary: Mapping[str, Any]) -> list[str]:
     """The report's "Padding modes" section."""
     out = ["", "## Padding modes", "",
            "The training row (the model's step stood in by a sleep calibrated at each mode's own batch "
-           "shapes) per padding mode. Real-token efficiency = real tokens ÷ the tokens of the batches "
+           "shapes; the modes' calibrations take turns, twice, and each keeps its faster) per padding mode. Real-token efficiency = real tokens ÷ the tokens of the batches "
            "(rows × width), counted on the timed batches.", ""]  # fmt: skip
     plans = summary.get("plans") or {}
     out += [f"- `{m}`: {plans[m]['text']}" for m in summary["modes"] if m in plans and plans[m].get("text")]

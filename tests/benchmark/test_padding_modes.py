@@ -186,6 +186,28 @@ def test_tf_measures_every_mode(data):
     check_modes(tf_measure, data, list(MODES) if has_packing("tf") else ["fixed", "longest", "buckets"])
 
 
+def test_calibration_rounds_keep_each_modes_fastest_and_skip_failing_modes():
+    from dlpipe.benchmark import worker
+    from dlpipe.errors import DlpipeError
+
+    class Measurer:  # "buckets" was disturbed in its first round; "packing" cannot be measured
+        times = {"fixed": [0.05, 0.05], "buckets": [0.03, 0.012], "longest": [0.019]}
+        calls: list[str] = []
+
+        def calibrate_step(self, cfg):
+            self.calls.append(cfg.padding)
+            if cfg.padding == "packing":
+                raise DlpipeError("no packing here")
+            return self.times[cfg.padding].pop(0)
+
+    out = {"step_s": 0.02}  # the "calibrate" phase's longest: round 1 of the default mode
+    job = {"modes": ["fixed", "longest", "buckets", "packing"], "sleep_s": None}
+    worker._calibrate_modes(Measurer(), BenchConfig(data="unused"), job, out)
+    assert Measurer.calls == ["fixed", "buckets", "packing", "longest", "fixed", "buckets"]
+    assert out["mode_step_s"] == {"fixed": 0.05, "longest": 0.019, "buckets": 0.012}
+    assert out["step_s"] == 0.019 and "packing" in out["mode_errors"]
+
+
 # --- a whole run --------------------------------------------------------------------------------
 
 
