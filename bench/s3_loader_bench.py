@@ -397,9 +397,11 @@ NOTES = [
     " back to back, up to `request_bytes` (4 MiB) per request; fetched on background threads within"
     " `prefetch_bytes` (32 MiB) while the current window is decoded; record CRCs checked. The"
     " requests column counts one run (warm-up included) of the loaders that read in this process.",
-    "`torch-w2-s3`: each worker reads every second window, so its windows are never adjacent and"
-    " each is a request of its own (about 85 KB here, ~200 per epoch); moto spends CPU on every"
-    " request on the same 2 cores (*others*), which is most of the gap to local.",
+    "`torch-w2-s3`: the workers take the windows in runs of neighbours (the windows of about one"
+    " shuffle block, which over S3 holds >= 1 MiB: 11 windows here), so each worker reads its"
+    " windows back to back in a few large requests, as `torch-w0` does, rather than one ~85 KB"
+    " request per window; moto spends CPU on every request on the same 2 cores (*others*). A"
+    " worker's S3 client reuses the service descriptions its parent parsed (~0.2 s of CPU each).",
     "`tf-s3`: per shard file, a `from_generator` over the same reader yields chunks of a multiple"
     " of 64 records (one range request each); one `tf.strings.substr` cuts a chunk into records,"
     " shaped [k, 64] and unbatched into the blocks `TFRecordDataset(f).batch(64)` gives, and the"

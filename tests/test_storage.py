@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 
 import numpy as np
@@ -84,3 +85,28 @@ def test_file_urls_and_memory_urls_reshard_like_paths(tmp_path):
         if name != "dataset_info.json":
             assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
             assert mem.join(name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="DataLoader workers are forked where os.fork exists")
+def test_a_forked_worker_makes_its_own_s3_filesystem_from_the_parsed_service_data(s3_server):
+    """A forked process (a DataLoader worker) gets a filesystem of its own, whose botocore session
+    reuses the service descriptions its parent parsed instead of parsing them again."""
+    loc = Location("s3://dlpipe/fork/a.bin", s3_server.storage_options)
+    loc.write_bytes(b"0123456789")
+    parent_fs = loc.fs
+    parent_loader = parent_fs.session.get_component("data_loader")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports on the pipe and leaves without running pytest's teardown
+        try:
+            data = loc.read_bytes(2, 5).decode()
+            shared = loc.fs.session.get_component("data_loader") is parent_loader
+            msg = f"{loc.fs is not parent_fs} {shared} {data}"
+        except BaseException as e:  # noqa: BLE001 (shown by the assert below)
+            msg = repr(e)
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        assert f.read().decode() == "True True 234"

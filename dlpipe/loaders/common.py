@@ -14,9 +14,11 @@
   one shard is mixed as well as one of a thousand); where shards cannot be read from the middle
   (compressed), the pieces are whole shards, permuted. The records in piece order are cut into
   equal ranges per rank; each rank's range into batch-aligned windows (the shuffle buffer);
-  windows are dealt round-robin to loader workers; inside a window records are shuffled (and
-  grouped by length bucket). Every piece is a pure function of its inputs, so a stream can be
-  resumed exactly.
+  windows are dealt round-robin to loader workers in *runs* of consecutive windows (one window
+  each, unless a shuffle block holds several: then a run is about a block's windows, so that a
+  worker reading over object storage gets neighbouring bytes in one request); inside a window
+  records are shuffled (and grouped by length bucket). Every piece is a pure function of its
+  inputs, so a stream can be resumed exactly.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ MASK = MASK_COLUMN
 UNEVEN = ("pad", "drop")
 SHUFFLE_BLOCKS = 4096  # blocks per split a global shuffle aims for (shuffle_block_records)
 MAX_BLOCK_RECORDS = 256
+MIN_RUNS = 16  # runs of windows per rank an epoch is dealt in, at least (where it has as many windows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,13 +151,15 @@ def collate(
 class Window:
     """A batch-aligned run of one rank's records: ``ranges`` are (shard position, start, stop);
     ``indices`` (only when ``epoch_windows`` is asked for them): each record's stage index, in
-    the order the records are read."""
+    the order the records are read; ``run``: the run of windows one loader worker reads in a row
+    (``worker_windows``; None: a run of its own)."""
 
     index: int
     ranges: tuple[tuple[int, int, int], ...]
     num_records: int
     num_batches: int
     indices: np.ndarray | None = field(default=None, compare=False, repr=False)
+    run: int | None = None
 
 
 def shard_order(num_shards: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
@@ -292,6 +297,7 @@ def epoch_windows(
     block_records: int | None = None,
     remainder: Remainder | None = None,
     indices: bool = False,
+    run_records: int | None = None,
 ) -> list[Window]:
     """This rank's windows for one epoch (see the module docstring). ``shard_sizes`` may be an
     epoch order instead (``PieceOrder``, or a mixture's, ``loaders.mixture.MixedOrder``; then
@@ -301,7 +307,10 @@ def epoch_windows(
 
     ``remainder``: play only what a checkpoint under another topology left of the epoch
     (``loaders.elastic``). ``indices``: each window also gets ``indices``, the stage index of
-    each of its records in the order they are read (what ``loaders.elastic`` counts)."""
+    each of its records in the order they are read (what ``loaders.elastic`` counts).
+
+    ``run_records`` (the shuffle block): windows go to loader workers in runs of that many
+    records' worth of windows (``run_windows``), which read their neighbouring bytes together."""
     if batch_size < 1 or window_batches < 1:
         raise ConfigError(f"batch_size={batch_size} and window_batches={window_batches} must be >= 1")
     order = shard_sizes
@@ -316,6 +325,7 @@ def epoch_windows(
     if drop_last:
         count = count // batch_size * batch_size
     window = window_batches * batch_size
+    run = run_windows(run_records, window, -(-count // window))
     windows = []
     for w, a in enumerate(range(0, count, window)):
         b = min(count, a + window)
@@ -333,8 +343,17 @@ def epoch_windows(
                 ranges.sort()
         if order.sort:
             ranges = _merged(ranges)
-        windows.append(Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size), idx))
+        windows.append(Window(w, tuple(ranges), b - a, -(-(b - a) // batch_size), idx, w // run))
     return windows
+
+
+def run_windows(run_records: int | None, window_records: int, num_windows: int) -> int:
+    """Windows per run: as many whole windows as ``run_records`` holds (a shuffle block over
+    object storage is >= 1 MiB, many windows; locally a block is smaller than a window, so 1), at
+    most 1/``MIN_RUNS`` of the windows, so that every worker still gets a fair share."""
+    if not run_records:
+        return 1
+    return max(1, min(run_records // window_records, num_windows // MIN_RUNS))
 
 
 def _ranges(a: int, b: int, total: int, bounds: list[int],
@@ -397,8 +416,11 @@ def window_batches(
 
 
 def worker_windows(windows: Sequence[Window], num_workers: int, worker_id: int) -> list[Window]:
-    """Windows dealt round-robin to loader workers (all of them with no workers)."""
-    return list(windows[worker_id :: max(num_workers, 1)])
+    """Windows dealt round-robin to loader workers, a run at a time (``Window.run``; all of
+    them with no workers). A run's windows lie side by side in the epoch order, so over object
+    storage its worker reads them with as few requests as ``num_workers=0`` would."""
+    n = max(num_workers, 1)
+    return [w for w in windows if (w.index if w.run is None else w.run) % n == worker_id]
 
 
 def resume_point(batches_per_worker: Sequence[int], consumed: int, bundle: int = 1) -> tuple[list[int], int]:

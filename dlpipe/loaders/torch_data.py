@@ -13,9 +13,11 @@ Batches are dicts column -> tensor in the manifest's logical dtypes: variable co
 given (so a test or a custom launcher can say exactly what it wants), else from an initialized
 ``torch.distributed`` group, else from the ``RANK``/``WORLD_SIZE`` environment variables, else
 1 process. Each rank takes an equal share of the epoch's record order and cuts it into windows
-of about ``buffer_size`` records; DataLoader workers take those windows in turn. With world
-size 1, or when the number of records divides by it, every record is read exactly once per
-epoch. Otherwise every rank still gets the same number of batches, so DDP never waits at the end
+of about ``buffer_size`` records; DataLoader workers take those windows in turn, a run of
+neighbouring windows at a time where a shuffle block holds several (over object storage, where
+blocks are >= 1 MiB: the worker then fetches them with a few large requests instead of one per
+window; ``common.worker_windows``). With world size 1, or when the number of records divides by
+it, every record is read exactly once per epoch. Otherwise every rank still gets the same number of batches, so DDP never waits at the end
 of an epoch: ``uneven="pad"`` (default, as ``DistributedSampler``) repeats records from the start
 of the epoch to fill the last ranks' shares; ``uneven="drop"`` skips the last
 ``num_rows % world_size`` records of the epoch order (other ones each epoch when shuffled).
@@ -266,6 +268,7 @@ class ShardIterableDataset(IterableDataset):
             block_records=self.block_records,
             remainder=remainder,
             indices=indices,
+            run_records=self.block_records,  # a worker reads a shuffle block's windows in a row
         )
 
     def remainder(self, epoch: int, stages: Sequence[dict[str, int]]):
