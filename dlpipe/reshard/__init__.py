@@ -4,8 +4,8 @@
    column's value range (which picks its storage dtype) and what the padded regions hold.
 2. **Shard plan** (``plan``): split, optionally shuffle, and cut shards balanced by bytes or
    tokens.
-3. **Write** (``write``): one task per shard, run by an executor (``executors``: this process, a
-   process pool or Ray). A shard is a pure function of the shard plan, so output is
+3. **Write** (``write``): one task per shard, run by an executor (``executors``: this process with
+   helper processes, or Ray). A shard is a pure function of the shard plan, so output is
    byte-identical for any worker count. Each shard goes to a hidden temporary name, is synced,
    and renamed (index first, data last) when complete; a note in ``.dlpipe/done`` records its
    stats. A rerun with the same plan skips finished shards, so a crash resumes where it stopped

@@ -21,7 +21,7 @@ from dlpipe.formats import deflate, get_format
 from dlpipe.manifest import build_manifest, record_cost
 from dlpipe.padding import resolve_padding
 from dlpipe.progress import Progress
-from dlpipe.reshard.executors import InlineExecutor, RayExecutor, connect, process_pool
+from dlpipe.reshard.executors import LocalPool, RayExecutor, connect
 from dlpipe.reshard.job import Job, init_worker
 from dlpipe.reshard.output_dir import OutputDir
 from dlpipe.reshard.plan import parse_splits, plan_shards, record_order, split_bounds
@@ -148,10 +148,8 @@ def reshard(
     job = Job(source, spec, shard_format, compression, out, chunk_rows, workers, codec.identity() if codec else None)
     if engine == "ray":
         pool = RayExecutor(initializer=init_worker, initargs=(job,), address=ray_address)
-    elif workers > 1:
-        pool = process_pool(workers, initializer=init_worker, initargs=(job,))
-    else:
-        pool = InlineExecutor(initializer=init_worker, initargs=(job,))
+    else:  # its helper processes start now, while this process takes the lock and scans
+        pool = LocalPool(workers, initializer=init_worker, initargs=(job,))
     lock = None
     try:
         # one run per output: a second one is refused (OutputLockedError) before it scans
@@ -188,8 +186,10 @@ def reshard(
         with Progress(n, "write", enabled=show) as bar:
             bar.update(sum(s.num_records for s in done.values()))
             args = [task_args(t, bounds, order, encodings, lengths, found.is_left) for t in todo]
-            # a pool takes every task now: the manifest's parts are made while its workers write
+            # a pool takes every task now, its last map (closed: helpers exit as they run out of tasks);
+            # the manifest's parts are made while its workers write
             written = pool.map(write_shard_task, args)
+            pool.close()
             source_info = {
                 "kind": source.kind, "paths": source.origins or source.paths, "fingerprint": source.fingerprint(),
                 "num_records": n, "num_bytes": source.num_bytes,
