@@ -141,7 +141,7 @@ def _padding_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace dlpipe output already in DIR.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: a process pool on this machine; ray: one Ray task per shard on a Ray cluster "
+              help="local: this process and forked helpers on this machine; ray: one Ray task per shard on a Ray cluster "
               "(byte-identical output; failed tasks are retried).")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to join (e.g. ray://head:10001 or auto); "
               "default: the running one, else a local instance.")

@@ -113,7 +113,7 @@ def reshard(
     if balance_by not in ("bytes", "tokens"):
         raise ConfigError(f"balance_by={balance_by!r}; use 'bytes' or 'tokens'")
     if engine not in ("local", "ray"):
-        raise ConfigError(f"engine={engine!r}; use 'local' (a process pool) or 'ray'")
+        raise ConfigError(f"engine={engine!r}; use 'local' (processes on this machine) or 'ray'")
     workers = os.cpu_count() or 1 if workers is None else workers
     if workers < 1:
         raise ConfigError(f"workers={workers}; must be >= 1")
