@@ -27,7 +27,8 @@ feeding the same graph; ``dlpipe.loaders.tf_remote`` says how and why.
 
 **Checkpoints**: ``tf.train.Checkpoint(iterator=it)`` saves and restores an iterator's position
 (and, planned, its epoch), and an iterator of a dataset built again with the same arguments
-goes on with the batches an uninterrupted run gives next: in the pipelines that read files
+goes on with the batches an uninterrupted run gives next (a dataset built with other arguments
+refuses a planned pipeline's checkpoint: ``tf_plan``): in the pipelines that read files
 front to back (local or cached shards, unshuffled, or compressed and shuffled) and in those of
 the epoch plan (the global shuffle, any split over ranks, mixtures; ``tf_plan``: elements by
 number, local or remote). Only remote shards read front to back without ``cache_dir``

@@ -20,6 +20,10 @@ So ``tf.train.Checkpoint(iterator=it)`` saves the epoch (flat_map keeps its inpu
 position in ``range`` and the elements already made (map and prefetch buffers, a few MB), and a
 restored iterator asks for element k + 1 of epoch e: the batches an uninterrupted run gives
 next. The Python calls keep no state TensorFlow must save (``ExternalStatePolicy.IGNORE``).
+Elements are numbered from a hash of the epoch's plan (``_first_number``), and ``range`` saves
+its next number: restored into a dataset built with other arguments, an iterator plays the
+elements its checkpoint buffered, then meets a number outside its epoch and raises
+``ConfigError`` rather than go on in the other plan (records skipped or repeated unseen).
 
 **Reading.** Uncompressed local shards (or cached copies of remote ones) are memory-mapped, and
 element k reads its windows alone, on tf.data's parallel calls (a few copies of the reader).
@@ -45,6 +49,7 @@ pipelines by data, not by file.
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe._deps import require
+from dlpipe.errors import ConfigError
 from dlpipe.loaders.common import Window, buffer_batches, window_batches
 from dlpipe.loaders.windows import read_windows
 
@@ -88,6 +94,21 @@ def _same(data: tf.data.Dataset) -> tf.data.Dataset:
     return data
 
 
+_NUMBERS = 1 << 31  # element numbers an epoch may use (far more elements than any epoch has)
+
+
+def _first_number(windows: Sequence[Window], elements: Sequence[Element]) -> int:
+    """An epoch's first element number: a multiple of ``_NUMBERS`` drawn from a hash of its
+    plan (the windows' record ranges and how elements group them), the same in every process
+    that builds the dataset with the same arguments, and different, but for a 2**-31 chance,
+    for any other plan."""
+    digest = hashlib.sha256()
+    for w in windows:
+        digest.update(np.asarray(w.ranges, np.int64).tobytes() + b";")
+    digest.update(np.asarray([(e.lo, e.hi) for e in elements], np.int64).tobytes())
+    return (int.from_bytes(digest.digest()[:4], "little") & (_NUMBERS - 1)) * _NUMBERS
+
+
 class PlannedEpochs:
     """The elements of ``ds``'s epochs for tf.data, by (epoch, number); see the module docstring.
 
@@ -119,13 +140,27 @@ class PlannedEpochs:
             epoch, self._next = self._next, self._next + 1
         return np.int64(epoch)
 
-    def enter(self, epoch: Any) -> np.int64:
-        """``epoch``'s element count, as an iterator starts it or is restored into it (then the
-        next new iterator plays the epoch after it, as in the run that saved it)."""
+    def enter(self, epoch: Any) -> np.ndarray:
+        """``epoch``'s first element number and element count, as an iterator starts the epoch
+        or is restored into it (then the next new iterator plays the epoch after it, as in the
+        run that saved it). The first number is the plan's fingerprint (``_first_number``)."""
         epoch = int(epoch)
         with self._lock:
             self._next = max(self._next, epoch + 1)
-        return np.int64(len(self.plan(epoch)[1]))
+        windows, elements = self.plan(epoch)
+        return np.array([_first_number(windows, elements), len(elements)], np.int64)
+
+    def restored_at(self, epoch: Any, k: Any, first: Any, count: Any) -> np.bool_:
+        """Whether element number ``k`` is in ``epoch`` (numbered from ``first``; ``k`` =
+        ``first + count`` ends it). A number outside came from a checkpoint of another plan."""
+        k, first, count = int(k), int(first), int(count)
+        if not first <= k <= first + count:
+            raise ConfigError(
+                f"this tf.data iterator was restored from a checkpoint of a dataset built with other "
+                f"arguments (epoch {int(epoch)} of its plan is not this dataset's: another seed, shards, "
+                "batch size, buffer size, packing or rank); build the dataset with the arguments it had "
+                "when the checkpoint was written, or start a fresh iterator")
+        return np.bool_(k < first + count)
 
     def plan(self, epoch: int) -> tuple[list[Window], list[Element]]:
         """``epoch``'s windows and elements (kept for the last few epochs)."""
@@ -191,8 +226,13 @@ class PlannedEpochs:
             # flat_map keeps ``epoch`` in a checkpoint until its pipeline has ended, and calls this
             # again when it is restored (``enter``). That pipeline is the whole rest of the graph:
             # a buffer after flat_map would end the epoch's pipeline before its last batches
-            count = tf.reshape(tf.numpy_function(self.enter, [epoch], tf.int64), [])
-            numbered = tf.data.Dataset.range(count)
+            first, count = tf.unstack(tf.reshape(tf.numpy_function(self.enter, [epoch], tf.int64), [2]))
+            # elements numbered from the plan's fingerprint: a checkpoint keeps the range's next
+            # number, so one restored into another plan's epoch is refused, not played silently
+            # (past every epoch's numbers: a number from another plan is read, and refused)
+            numbered = tf.data.Dataset.range(first, _NUMBERS * _NUMBERS).take_while(
+                lambda k: tf.reshape(tf.numpy_function(self.restored_at, [epoch, k, first, count], tf.bool), [])
+            ).map(lambda k: k - first)
             if self.random_access:  # as many calls as readers: more would wait for one
                 calls = _READERS if parallel == tf.data.AUTOTUNE else min(parallel, _READERS)
                 data = numbered.map(lambda k: element(epoch, k), num_parallel_calls=calls,

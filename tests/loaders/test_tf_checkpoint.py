@@ -177,6 +177,51 @@ def test_checkpoint_in_the_second_epoch_of_a_dataset(corpora, tmp_path, case):
         assert [plain(b) for b in restored] == epochs[2], k
 
 
+PACKED_ROWS = {"batch_size": 4, "packing": True, "max_length": 24, "pack_window": 100}
+OTHER_PLANS = {  # saved with (shuffle, loader arguments), restored into a dataset built with others
+    "seed": ((SHUFFLED, {"batch_size": 8}), ({**SHUFFLED, "seed": 4}, {"batch_size": 8})),
+    "buffer_size": ((SHUFFLED, {"batch_size": 8}), ({**SHUFFLED, "buffer_size": 48}, {"batch_size": 8})),
+    "batch_size": ((SHUFFLED, {"batch_size": 8}), (SHUFFLED, {"batch_size": 12})),
+    "rank": ((SHUFFLED, {"batch_size": 8, "world_size": 2, "rank": 0}),
+             (SHUFFLED, {"batch_size": 8, "world_size": 2, "rank": 1})),
+    "packing seed": ((SHUFFLED, PACKED_ROWS), ({**SHUFFLED, "seed": 4}, PACKED_ROWS)),
+}
+
+
+@pytest.fixture(scope="module")
+def longer(tmp_path_factory):
+    """3,000 records in 3 shards: epochs of ~30 elements, more than tf.data buffers ahead."""
+    d = tmp_path_factory.mktemp("longer")
+    ids, _ = padded_tokens(np.random.default_rng(8), 3000, 24)
+    np.save(d / "input_ids.npy", ids)
+    dlpipe.reshard([str(d / "input_ids.npy")], d / "out", pad_id=0, num_shards=3, workers=1, progress=False)
+    return str(d / "out")
+
+
+@pytest.mark.parametrize("case", list(OTHER_PLANS))
+def test_checkpoint_restored_into_another_plan_is_refused(longer, tmp_path, case):
+    """A checkpoint restored into a dataset built with other arguments (the same pipeline
+    graph, another epoch plan) fails with dlpipe's message once the batches it buffered (the
+    saved plan's own) are played, instead of playing the other plan from the saved position
+    (records skipped or repeated unseen); the same arguments still resume. (Arguments that
+    leave the plan's record order as it was, such as a batch size that divides the same
+    windows, resume it.)"""
+    (saved_shuffle, saved_kw), (other_shuffle, other_kw) = OTHER_PLANS[case]
+    it = iter(build(longer, saved_shuffle, saved_kw))
+    for _ in range(3):
+        next(it)
+    path = tf.train.Checkpoint(iterator=it).write(str(tmp_path / "ckpt"))
+    rest = [plain(b) for b in it]
+    restored = iter(build(longer, other_shuffle, other_kw))
+    tf.train.Checkpoint(iterator=restored).read(path).assert_consumed()
+    with pytest.raises(tf.errors.OpError, match="restored from a checkpoint of a dataset built with other"):
+        for _ in restored:
+            pass
+    again = iter(build(longer, saved_shuffle, saved_kw))
+    tf.train.Checkpoint(iterator=again).read(path).assert_consumed()
+    assert [plain(b) for b in again] == rest
+
+
 def test_checkpoint_inside_repeat(corpora, tmp_path):
     """``repeat()``: each pass plays the next epoch; a checkpoint in the second pass resumes there."""
     _, shuffled, kw, items, _ = CASES["shuffled"]
