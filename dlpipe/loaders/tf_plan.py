@@ -20,10 +20,11 @@ So ``tf.train.Checkpoint(iterator=it)`` saves the epoch (flat_map keeps its inpu
 position in ``range`` and the elements already made (map and prefetch buffers, a few MB), and a
 restored iterator asks for element k + 1 of epoch e: the batches an uninterrupted run gives
 next. The Python calls keep no state TensorFlow must save (``ExternalStatePolicy.IGNORE``).
-Elements are numbered from a hash of the epoch's plan (``_first_number``), and ``range`` saves
-its next number: restored into a dataset built with other arguments, an iterator plays the
-elements its checkpoint buffered, then meets a number outside its epoch and raises
-``ConfigError`` rather than go on in the other plan (records skipped or repeated unseen).
+The epoch travels with a fingerprint of its plan (a hash of its windows' record ranges and
+elements, ``_fingerprint``), which the checkpoint keeps beside it: restored into a dataset
+built with other arguments (another plan for that epoch), the iterator raises ``ConfigError``
+at once instead of playing the other plan from the saved position (records skipped or
+repeated unseen).
 
 **Reading.** Uncompressed local shards (or cached copies of remote ones) are memory-mapped, and
 element k reads its windows alone, on tf.data's parallel calls (a few copies of the reader).
@@ -94,19 +95,15 @@ def _same(data: tf.data.Dataset) -> tf.data.Dataset:
     return data
 
 
-_NUMBERS = 1 << 31  # element numbers an epoch may use (far more elements than any epoch has)
-
-
-def _first_number(windows: Sequence[Window], elements: Sequence[Element]) -> int:
-    """An epoch's first element number: a multiple of ``_NUMBERS`` drawn from a hash of its
-    plan (the windows' record ranges and how elements group them), the same in every process
-    that builds the dataset with the same arguments, and different, but for a 2**-31 chance,
-    for any other plan."""
+def _fingerprint(windows: Sequence[Window], elements: Sequence[Element]) -> int:
+    """An epoch plan's fingerprint (63 bits of a SHA-256 of its windows' record ranges and how
+    elements group them): the same in every process that builds the dataset with the same
+    arguments."""
     digest = hashlib.sha256()
     for w in windows:
         digest.update(np.asarray(w.ranges, np.int64).tobytes() + b";")
     digest.update(np.asarray([(e.lo, e.hi) for e in elements], np.int64).tobytes())
-    return (int.from_bytes(digest.digest()[:4], "little") & (_NUMBERS - 1)) * _NUMBERS
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 class PlannedEpochs:
@@ -128,39 +125,43 @@ class PlannedEpochs:
         self.random_access = info.compression is None and (not info.remote or self.reader.cache_dir is not None)
         self._lock = threading.Lock()
         self._plans: OrderedDict[int, tuple[list[Window], list[Element]]] = OrderedDict()
+        self._fingerprints: OrderedDict[int, int] = OrderedDict()
         self._streams: OrderedDict[tuple[int, int], Iterator[tuple]] = OrderedDict()
         self._indexed: set[int] = set()  # shards whose indexes the reader holds
         self._idle: list[Any] = []  # copies of the reader for random access, not in use
         self._made = 0
         self._idle_changed = threading.Condition()
 
-    def next_epoch(self) -> np.int64:
-        """The epoch a new iterator plays."""
+    def next_epoch(self) -> tuple[np.int64, np.int64]:
+        """The epoch a new iterator plays, and its plan's fingerprint."""
         with self._lock:
             epoch, self._next = self._next, self._next + 1
-        return np.int64(epoch)
+        return np.int64(epoch), np.int64(self.fingerprint(epoch))
 
-    def enter(self, epoch: Any) -> np.ndarray:
-        """``epoch``'s first element number and element count, as an iterator starts the epoch
-        or is restored into it (then the next new iterator plays the epoch after it, as in the
-        run that saved it). The first number is the plan's fingerprint (``_first_number``)."""
+    def enter(self, epoch: Any, fingerprint: Any) -> np.int64:
+        """``epoch``'s element count, as an iterator starts it or is restored into it (then the
+        next new iterator plays the epoch after it, as in the run that saved it). A restored
+        ``fingerprint`` that is not this dataset's plan's is refused."""
         epoch = int(epoch)
         with self._lock:
             self._next = max(self._next, epoch + 1)
-        windows, elements = self.plan(epoch)
-        return np.array([_first_number(windows, elements), len(elements)], np.int64)
-
-    def restored_at(self, epoch: Any, k: Any, first: Any, count: Any) -> np.bool_:
-        """Whether element number ``k`` is in ``epoch`` (numbered from ``first``; ``k`` =
-        ``first + count`` ends it). A number outside came from a checkpoint of another plan."""
-        k, first, count = int(k), int(first), int(count)
-        if not first <= k <= first + count:
+        if int(fingerprint) != self.fingerprint(epoch):
             raise ConfigError(
-                f"this tf.data iterator was restored from a checkpoint of a dataset built with other "
-                f"arguments (epoch {int(epoch)} of its plan is not this dataset's: another seed, shards, "
-                "batch size, buffer size, packing or rank); build the dataset with the arguments it had "
-                "when the checkpoint was written, or start a fresh iterator")
-        return np.bool_(k < first + count)
+                "this tf.data iterator was restored from a checkpoint of a dataset built with other arguments "
+                f"(epoch {epoch} of its plan is not this dataset's: another seed, dataset, buffer size, "
+                "packing window or rank); build the dataset with the arguments it had when the checkpoint "
+                "was written, or start a fresh iterator")
+        return np.int64(len(self.plan(epoch)[1]))
+
+    def fingerprint(self, epoch: int) -> int:
+        """``_fingerprint`` of ``epoch``'s plan (kept for the last few epochs, as the plans)."""
+        windows, elements = self.plan(epoch)
+        with self._lock:
+            if epoch not in self._fingerprints:
+                self._fingerprints[epoch] = _fingerprint(windows, elements)
+                while len(self._fingerprints) > _PLANS_KEPT:
+                    self._fingerprints.popitem(last=False)
+            return self._fingerprints[epoch]
 
     def plan(self, epoch: int) -> tuple[list[Window], list[Element]]:
         """``epoch``'s windows and elements (kept for the last few epochs)."""
@@ -222,17 +223,13 @@ class PlannedEpochs:
                 value.set_shape(spec.shape)
             return tuple(values)
 
-        def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-            # flat_map keeps ``epoch`` in a checkpoint until its pipeline has ended, and calls this
-            # again when it is restored (``enter``). That pipeline is the whole rest of the graph:
-            # a buffer after flat_map would end the epoch's pipeline before its last batches
-            first, count = tf.unstack(tf.reshape(tf.numpy_function(self.enter, [epoch], tf.int64), [2]))
-            # elements numbered from the plan's fingerprint: a checkpoint keeps the range's next
-            # number, so one restored into another plan's epoch is refused, not played silently
-            # (past every epoch's numbers: a number from another plan is read, and refused)
-            numbered = tf.data.Dataset.range(first, _NUMBERS * _NUMBERS).take_while(
-                lambda k: tf.reshape(tf.numpy_function(self.restored_at, [epoch, k, first, count], tf.bool), [])
-            ).map(lambda k: k - first)
+        def one_epoch(epoch: tf.Tensor, fingerprint: tf.Tensor) -> tf.data.Dataset:
+            # flat_map keeps ``epoch`` and its plan's fingerprint in a checkpoint until its
+            # pipeline has ended, and calls this again when it is restored (``enter``). That
+            # pipeline is the whole rest of the graph: a buffer after flat_map would end the
+            # epoch's pipeline before its last batches
+            count = tf.reshape(tf.numpy_function(self.enter, [epoch, fingerprint], tf.int64), [])
+            numbered = tf.data.Dataset.range(count)
             if self.random_access:  # as many calls as readers: more would wait for one
                 calls = _READERS if parallel == tf.data.AUTOTUNE else min(parallel, _READERS)
                 data = numbered.map(lambda k: element(epoch, k), num_parallel_calls=calls,
@@ -241,8 +238,9 @@ class PlannedEpochs:
                 data = numbered.map(lambda k: element(epoch, k))
             return then(data)
 
-        def next_epoch(_: tf.Tensor) -> tf.Tensor:
-            return tf.reshape(tf.numpy_function(self.next_epoch, [], tf.int64), [])
+        def next_epoch(_: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            epoch, fingerprint = tf.numpy_function(self.next_epoch, [], (tf.int64, tf.int64))
+            return tf.reshape(epoch, []), tf.reshape(fingerprint, [])
 
         return tf.data.Dataset.from_tensors(np.int64(0)).map(next_epoch).flat_map(one_epoch)
 
