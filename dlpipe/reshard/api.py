@@ -220,6 +220,7 @@ def reshard(
     finally:
         if pool is not None:
             pool.shutdown()
+        init_worker(None)  # this process ran tasks too: its installed job must not outlive the call
         if lock is not None:
             lock.release()
 

@@ -32,8 +32,9 @@ class Job:
 _JOB: Job | None = None
 
 
-def init_worker(job: Job) -> None:
-    """An executor's initializer: install ``job`` in this process."""
+def init_worker(job: Job | None) -> None:
+    """An executor's initializer: install ``job`` in this process (None: uninstall it, which
+    lets its source's memory maps and files go)."""
     global _JOB
     _JOB = job
 
