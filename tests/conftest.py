@@ -53,15 +53,10 @@ def tf():
 @pytest.fixture
 def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with an empty bucket ``dlpipe``; killed afterwards."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    from s3_server import S3Server
+    from s3_server import running
 
-    server = S3Server(str(tmp_path_factory.mktemp("s3")))
-    server.start()
-    server.make_bucket("dlpipe")
-    yield server
-    server.stop()
+    with running(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ again, and an upload cut off by the kill is not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 CREDENTIALS = {"key": "dlpipe-test-key", "secret": "dlpipe-test-secret-do-not-log"}
 
@@ -89,3 +91,30 @@ class S3Server:
     def make_bucket(self, name: str) -> None:
         req = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
         urllib.request.urlopen(req, timeout=10).read()
+
+    def upload(self, local_dir: str | os.PathLike, url: str, *, skip: tuple[str, ...] = ()) -> str:
+        """Every file of ``local_dir`` (but ``skip``) to ``url`` (``s3://bucket/prefix``); returns it."""
+        from dlpipe.storage import Location
+
+        for name in sorted(os.listdir(local_dir)):
+            if name not in skip:
+                target = Location(url, self.storage_options).join(name)
+                target.fs.put_file(os.path.join(local_dir, name), target.fs_path)
+        return url
+
+
+@contextlib.contextmanager
+def running(workdir: str | os.PathLike) -> Iterator[S3Server]:
+    """A started server with an empty bucket ``dlpipe``, stopped afterwards (skips the test
+    where s3fs or moto is not installed)."""
+    import pytest
+
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    server = S3Server(str(workdir))
+    server.start()
+    try:
+        server.make_bucket("dlpipe")
+        yield server
+    finally:
+        server.stop()

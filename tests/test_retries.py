@@ -43,13 +43,10 @@ MIXED = {"slowdown": 0.05, "internal": 0.02, "throttle": 0.01, "reset": 0.04, "d
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from s3_server import S3Server
+    from s3_server import running
 
-    srv = S3Server(str(tmp_path_factory.mktemp("s3")))
-    srv.start()
-    srv.make_bucket("dlpipe")
-    yield srv
-    srv.stop()
+    with running(tmp_path_factory.mktemp("s3")) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -77,11 +74,7 @@ def dataset(server, tmp_path_factory):
     local = tmp_path_factory.mktemp("local")
     dlpipe.reshard([str(src / "input_ids.npy"), str(src / "labels.npy")], local, pad_id=0, num_shards=4,
                    workers=1, overwrite=True, progress=False)
-    url = "s3://dlpipe/retries"
-    for name in os.listdir(local):
-        target = Location(url, server.storage_options).join(name)
-        target.fs.put_file(os.path.join(local, name), target.fs_path)
-    return str(local), url
+    return str(local), server.upload(local, "s3://dlpipe/retries")
 
 
 def same_batches(want: list, got: list) -> int:

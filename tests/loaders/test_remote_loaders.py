@@ -50,12 +50,7 @@ def local(tmp_path_factory):
 
 
 def upload(server, local_dir: str, prefix: str, *, skip: tuple[str, ...] = ()) -> str:
-    url = f"s3://dlpipe/{prefix}"
-    for name in os.listdir(local_dir):
-        if name not in skip:
-            target = Location(url, server.storage_options).join(name)
-            target.fs.put_file(os.path.join(local_dir, name), target.fs_path)
-    return url
+    return server.upload(local_dir, f"s3://dlpipe/{prefix}", skip=skip)
 
 
 @pytest.fixture

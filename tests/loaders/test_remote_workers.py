@@ -15,7 +15,6 @@ from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.loaders.common import MIN_RUNS, epoch_windows, run_windows, worker_windows
-from dlpipe.storage import Location
 
 N = 600
 KW = {"batch_size": 4, "seed": 7}
@@ -41,15 +40,10 @@ def test_runs_deal_every_window_once():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    from s3_server import S3Server
+    from s3_server import running
 
-    srv = S3Server(str(tmp_path_factory.mktemp("s3")))
-    srv.start()
-    srv.make_bucket("dlpipe")
-    yield srv
-    srv.stop()
+    with running(tmp_path_factory.mktemp("s3")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +66,7 @@ def dataset(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("tfrecord")
     dlpipe.reshard([str(src / "input_ids.npy"), str(src / "rid.npy")], root, pad_id=0, num_shards=4, workers=1,
                    overwrite=True, progress=False)
-    url = "s3://dlpipe/workers"
-    for path in root.iterdir():
-        target = Location(url, server.storage_options).join(path.name)
-        target.fs.put_file(str(path), target.fs_path)
-    return str(root), url
+    return str(root), server.upload(root, "s3://dlpipe/workers")
 
 
 def remote(server, url, proxy=None):

@@ -8,8 +8,6 @@ test_tf_loader.py and test_tf_buckets.py."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from resume_helper import plain, run_save_load_state, tf_checkpoint
@@ -237,12 +235,7 @@ def test_static_batch_size_with_drop_remainder(corpora):
 def test_remote_planned_iterator_resumes_exactly(s3_server, corpora, tmp_path, kind):
     """Over object storage the windows are read ahead as one stream (``read_windows``); a
     restored iterator starts a stream at its element, and the batches are the local ones."""
-    from dlpipe.storage import Location
-
-    url = "s3://dlpipe/planned"
-    for name in os.listdir(corpora[None]):
-        target = Location(url, s3_server.storage_options).join(name)
-        target.fs.put_file(os.path.join(corpora[None], name), target.fs_path)
+    url = s3_server.upload(corpora[None], "s3://dlpipe/planned")
     cache = {"cache_dir": str(tmp_path / "cache")} if kind == "cached" else {}
     shuffled = {**SHUFFLED, "block_records": 16}  # blocks over object storage default to >= 1 MiB
     kw = {"batch_size": 8}
