@@ -93,7 +93,7 @@ def packed_epochs(cfg: Any) -> tuple[Any, Any]:
 def packed_stages(cfg: Any, notes: list[str]) -> tuple[list[StageMeasurement], list[dict[str, np.ndarray]]]:
     """read, parse, shuffle and batch of packed batches (see the module docstring) over the
     first pack windows holding ``steps x batch_size`` records; and the batches (numpy)."""
-    from dlpipe.loaders.common import take_rows
+    from dlpipe.loaders.collate import take_rows
 
     ds, packer = packed_epochs(cfg)
     where = f"rank {cfg.rank} of {cfg.world_size} in {cfg.data!r}"

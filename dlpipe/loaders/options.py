@@ -21,7 +21,8 @@ from typing import Any
 from dlpipe.columns import ColumnEncoding
 from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import UNEVEN, default_boundaries
+from dlpipe.loaders.collate import default_boundaries
+from dlpipe.loaders.common import UNEVEN
 from dlpipe.loaders.packing import DEFAULT_SEGMENTS, LAYOUTS, PackingOptions
 
 __all__ = ["LoaderOptions", "ShuffleConfig", "resolve_shuffle"]
@@ -50,7 +51,7 @@ class LoaderOptions:
 
     - batching: ``batch_size`` (None: unbatched records, tf.data only), ``drop_last`` (TF's
       ``drop_remainder``: drop the epoch's short last batch);
-    - padding (``dlpipe.loaders.common.collate``'s rule): ``pad_to_multiple_of``,
+    - padding (``dlpipe.loaders.collate.collate``'s rule): ``pad_to_multiple_of``,
       ``padding_side``, ``bucket_boundaries`` (a strictly increasing tuple of lengths, or
       ``"auto"``; made concrete by ``boundaries``), ``return_attention_mask``;
     - shuffle: ``shuffle`` and ``seed`` (see ``resolve_shuffle``);
@@ -227,7 +228,7 @@ class LoaderOptions:
 
     def boundaries(self, info: Any, encodings: Mapping[str, ColumnEncoding]) -> list[int] | None:
         """The bucket boundaries of the loaded columns ``encodings``: None, the given ones, or for
-        ``"auto"`` ``common.default_boundaries`` of the first variable-length column."""
+        ``"auto"`` ``collate.default_boundaries`` of the first variable-length column."""
         if self.bucket_boundaries is None:
             return None
         variable = [n for n, e in encodings.items() if e.variable]

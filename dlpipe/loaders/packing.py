@@ -31,7 +31,7 @@ import numpy as np
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import Ragged, take_rows
+from dlpipe.loaders.collate import Ragged, take_rows
 
 Batch = dict[str, np.ndarray]
 LAYOUTS = ("rows", "flat")

@@ -8,7 +8,7 @@ all graph ops, no ``py_function`` and no ``from_generator``::
       ─ batch ─ ONE parse_example per batch ─ decode + pad to the shared rule ─ prefetch
 
 Decoding and padding (``dlpipe.loaders.tf_decode.BatchDecoder``) follow
-``dlpipe.loaders.common.collate``, so TF and PyTorch batches match; this module reads the files
+``dlpipe.loaders.collate.collate``, so TF and PyTorch batches match; this module reads the files
 (interleave, or the epoch plan of ``dlpipe.loaders.tf_plan``) and groups records into batches.
 Length bucketing (``dlpipe.loaders.tf_buckets``) groups serialized records by bucket a window of
 records at a time, by the PyTorch loader's rule, before parsing, so every batch is padded to a
@@ -119,7 +119,7 @@ def to_tf_dataset(
       (padding is done natively, so HF's ``DataCollatorWithPadding`` is not needed).
     - ``num_workers``: parallel batch parses (0: ``AUTOTUNE``); ``cycle_length``: shard files
       read at once (default min(shards, 16)).
-    - ``bucket_boundaries`` (a sorted list, or ``"auto"`` for ``common.default_boundaries``):
+    - ``bucket_boundaries`` (a sorted list, or ``"auto"`` for ``collate.default_boundaries``):
       records are grouped by length bucket a window at a time (the PyTorch loader's rule, see
       ``dlpipe.loaders.tf_buckets``) and each batch is padded to its bucket's boundary.
     - ``world_size``/``rank`` (both or neither): this process's share when several read the split

@@ -5,7 +5,7 @@ bench``'s TF stages use it).
 "raw" columns are decoded with ``tf.io.decode_raw(..., fixed_length=width)``, which pads every
 record with zero bytes to the batch width in one pass; pad values other than 0 and left padding
 are applied afterwards with a mask. Record lengths (values along the variable axis) come from
-``tf.strings.length`` without decoding. Padding follows ``dlpipe.loaders.common.collate`` (pad to
+``tf.strings.length`` without decoding. Padding follows ``dlpipe.loaders.collate.collate`` (pad to
 the longest record, rounded up to ``pad_to_multiple_of``, or to the smallest bucket boundary that
 fits), so TF and PyTorch batches match.
 """
@@ -105,7 +105,7 @@ class BatchDecoder:
         return tf.cast(values, enc.dtype), lengths, width
 
     def width(self, longest: tf.Tensor) -> tf.Tensor:
-        """``common.padded_length`` in graph ops."""
+        """``collate.padded_length`` in graph ops."""
         rounded = longest
         if self.multiple:
             rounded = (longest + self.multiple - 1) // self.multiple * self.multiple

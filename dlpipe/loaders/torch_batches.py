@@ -1,6 +1,6 @@
 """What a PyTorch loader worker yields and how the main process takes it.
 
-A batch is padded with numpy (``common.collate``, under the loader's ``LoaderOptions``) or made
+A batch is padded with numpy (``collate.collate``, under the loader's ``LoaderOptions``) or made
 by the user's per-record ``collate_fn``. A worker sends a dict batch of numpy arrays through its
 ring of reused shared-memory buffers (``torch_shm``: the main process makes tensors of it in
 O(1)); when the ring is full (the user holds many batches) a batch of up to ``PIPE_BYTES`` goes
@@ -26,7 +26,7 @@ import numpy as np
 from dlpipe._deps import require
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import DlpipeError
-from dlpipe.loaders.common import Ragged, collate, take_rows
+from dlpipe.loaders.collate import Ragged, collate, take_rows
 from dlpipe.loaders.options import LoaderOptions
 from dlpipe.loaders.torch_shm import to_slot
 from dlpipe.loaders.transforms import Transform, apply_transforms, collate_records

@@ -6,7 +6,7 @@ the shared epoch plan (``dlpipe.loaders.common``) and pads every batch with nump
 per-record Python on the hot path; tensors are ``torch.from_numpy`` views of those arrays.
 
 Batches are dicts column -> tensor in the manifest's logical dtypes: variable columns padded to
-``[B, L, ...]`` (the padding rule of ``common.collate``), fixed columns ``[B, *shape]``, and
+``[B, L, ...]`` (the padding rule of ``collate.collate``), fixed columns ``[B, *shape]``, and
 ``attention_mask`` ``[B, L]`` int64 from the first variable column.
 
 **Work split.** Rank and world size come from the explicit ``rank``/``world_size`` arguments when

@@ -30,7 +30,7 @@ import numpy as np
 
 from dlpipe.columns import ColumnEncoding
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import collate
+from dlpipe.loaders.collate import collate
 
 __all__ = ["Transform", "apply_transforms", "collate_records", "make_transform"]
 
@@ -128,7 +128,7 @@ def apply_transforms(records: list[Record], transforms: Sequence[Transform]) -> 
 
 def collate_records(records: list[Record], encodings: Mapping[str, ColumnEncoding],
                     pad_values: Mapping[str, Any], **padding: Any) -> dict[str, np.ndarray]:
-    """Records (after transforms) as one padded batch, under ``loaders.common.collate``'s rule
+    """Records (after transforms) as one padded batch, under ``loaders.collate.collate``'s rule
     (``padding``: its keyword arguments)."""
     columns, encs = {}, {}
     for name in (list(records[0]) if records else []):

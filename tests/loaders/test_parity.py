@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dlpipe
-from dlpipe.loaders.common import default_boundaries, padded_length
+from dlpipe.loaders.collate import default_boundaries, padded_length
 
 pytestmark = [pytest.mark.tf, pytest.mark.torch]
 

@@ -11,14 +11,12 @@ from resume_helper import run_save_load_state, tf_checkpoint
 from token_rows import padded_tokens
 
 import dlpipe
+from dlpipe.loaders.collate import bucket_ids, collate, padded_length
 from dlpipe.loaders.common import (
     BUCKET_WINDOW_BATCHES,
     Window,
-    bucket_ids,
     bucket_window_draws,
     buffer_batches,
-    collate,
-    padded_length,
     window_batches,
 )
 
@@ -154,7 +152,7 @@ def test_checkpoint_resumes_across_windows(corpora, tmp_path, compression, kw):
 def test_bucketed_batches_equal_common_collate(tmp_path, reshard_kw, rule):
     """Windows are parsed once and their columns regrouped (loaders.tf_buckets): every encoding,
     pad values other than 0, (None, 3) sequences, left padding and pad_to_multiple_of past the
-    last boundary come out as ``common.collate`` makes the PyTorch loader's bucketed batches."""
+    last boundary come out as ``collate.collate`` makes the PyTorch loader's bucketed batches."""
     rng = np.random.default_rng(3)
     n, width = 1300, 30
     ids, lengths = padded_tokens(rng, n, width, pad_id=7, vocab=100_000)  # uint32 when raw

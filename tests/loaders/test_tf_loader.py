@@ -19,7 +19,7 @@ from token_rows import padded_tokens
 
 import dlpipe
 from dlpipe.errors import ConfigError
-from dlpipe.loaders.common import collate, default_boundaries, padded_length
+from dlpipe.loaders.collate import collate, default_boundaries, padded_length
 
 pytestmark = pytest.mark.tf
 tf = pytest.importorskip("tensorflow")
@@ -73,7 +73,7 @@ def ragged(arr: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def expected_batch(ds, cols, lengths, rows, **rule) -> dict[str, np.ndarray]:
-    """What ``common.collate`` (the PyTorch/numpy side) makes of these source rows."""
+    """What ``collate.collate`` (the PyTorch/numpy side) makes of these source rows."""
     data = {}
     for name, enc in ds.info.columns.items():
         arr = cols[name][rows].astype(enc.dtype)

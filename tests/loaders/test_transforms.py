@@ -83,7 +83,7 @@ def test_bad_arguments(data):
 def test_collate_records_pads_like_the_loader(lengths, side):
     """Records padded by ``collate_records`` equal the loader's own padding (``collate``) of the
     same ragged column, manifest pad value and mask included."""
-    from dlpipe.loaders.common import collate
+    from dlpipe.loaders.collate import collate
 
     rng = np.random.default_rng(len(lengths))
     recs = [{"input_ids": rng.integers(1, 50, n).astype(np.int32), "y": np.float32(i)} for i, n in enumerate(lengths)]

@@ -117,8 +117,9 @@ def _batch_stage(cfg: BenchConfig, info, parsed, windows) -> tuple[StageMeasurem
 
     if cfg.padding == "buckets":
         from dlpipe.loaders import common
+        from dlpipe.loaders.collate import default_boundaries
 
-        bounds = tf.constant(common.default_boundaries(info, FEATURE), tf.int64)
+        bounds = tf.constant(default_boundaries(info, FEATURE), tf.int64)
         window = max(SHUFFLE_BUFFER // bs, getattr(common, "BUCKET_WINDOW_BATCHES", 64)) * bs
 
         def group(rows: dict) -> dict:  # a window sorted by bucket, cut into whole batches

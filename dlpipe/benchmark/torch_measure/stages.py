@@ -39,7 +39,8 @@ def _dlpipe_stages(
 def _padded_stages(cfg: BenchConfig, ds, notes: list[str]) -> tuple[list[StageMeasurement], list[dict]]:
     """read, parse, shuffle and batch of the padded loader's own plan (its ShardIterableDataset
     ``ds``: windows, shuffle, boundaries), and the batches (numpy)."""
-    from dlpipe.loaders.common import ShardReader, collate, take_rows, window_batches
+    from dlpipe.loaders.collate import collate, take_rows
+    from dlpipe.loaders.common import ShardReader, window_batches
 
     info, shards, enc = ds.source.info, ds.source.shards, ds.encodings
     where = f"rank {cfg.rank} of {cfg.world_size} in {cfg.data!r}"
