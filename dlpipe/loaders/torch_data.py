@@ -14,10 +14,12 @@ given (so a test or a custom launcher can say exactly what it wants), else from 
 ``torch.distributed`` group, else from the ``RANK``/``WORLD_SIZE`` environment variables, else
 1 process. Each rank takes an equal share of the epoch's record order and cuts it into windows
 of about ``buffer_size`` records; DataLoader workers take those windows in turn, a run of
-neighbouring windows at a time where a shuffle block holds several (over object storage, where
-blocks are >= 1 MiB: the worker then fetches them with a few large requests instead of one per
-window; ``common.worker_windows``). With world size 1, or when the number of records divides by
-it, every record is read exactly once per epoch. Otherwise every rank still gets the same number of batches, so DDP never waits at the end
+neighbouring windows at a time where a block holds several (the shuffle block; unshuffled, the
+block the dataset would shuffle by): over object storage, where blocks are >= 1 MiB, a worker
+then fetches its windows with a few large requests instead of one per window
+(``common.worker_windows``). With world size 1, or when the number of records divides by it,
+every record is read exactly once per epoch. Otherwise every rank still gets the same number of
+batches, so DDP never waits at the end
 of an epoch: ``uneven="pad"`` (default, as ``DistributedSampler``) repeats records from the start
 of the epoch to fill the last ranks' shares; ``uneven="drop"`` skips the last
 ``num_rows % world_size`` records of the epoch order (other ones each epoch when shuffled).
@@ -176,6 +178,11 @@ class ShardIterableDataset(IterableDataset):
         if self.boundaries is not None:  # grouping by length needs many batches to choose from
             self.window_batches = max(self.window_batches, BUCKET_WINDOW_BATCHES)
         self.block_records = self.shuffle_config.block_records
+        # workers read runs of neighbouring windows about a block long (common.worker_windows): the
+        # shuffle block, or unshuffled the block the dataset would shuffle by (over object storage
+        # >= 1 MiB: a request's worth); None where a block holds under two windows (one a run)
+        block = self.block_records if self.shuffle_config.shuffled else getattr(self.source, "block_records", None)
+        self.run_records = block if block and block >= 2 * self.window_batches * self.batch_size else None
         refuse_collate_fn(collate_fn, options.packing)
         self.packer = None  # packed batches (dlpipe.loaders.packed) instead of padded ones
         if options.packing is not None:
@@ -238,6 +245,7 @@ class ShardIterableDataset(IterableDataset):
             "seed": self.seed,
             "buffer_size": self.shuffle_config.buffer_size,
             "block_records": self.block_records,
+            "run_records": self.run_records,
             "world_size": self.world_size,
             "rank": self.rank,
             "uneven": self.uneven,
@@ -268,7 +276,7 @@ class ShardIterableDataset(IterableDataset):
             block_records=self.block_records,
             remainder=remainder,
             indices=indices,
-            run_records=self.block_records,  # a worker reads a shuffle block's windows in a row
+            run_records=self.run_records,
         )
 
     def remainder(self, epoch: int, stages: Sequence[dict[str, int]]):

@@ -65,6 +65,7 @@ PLAN_KEYS = (
     "seed",
     "buffer_size",
     "block_records",
+    "run_records",  # windows dealt to DataLoader workers a run at a time (common.worker_windows)
     "uneven",
     "packing",  # None, or dlpipe.loaders.packed.PackedEpochs.settings()
 )

@@ -140,3 +140,44 @@ def test_ranks_and_workers_read_each_record_once_and_resume_elastically(server, 
             del it
         state = saved
     assert collections.Counter(seen) == collections.Counter(range(N))
+
+
+@pytest.fixture(scope="module")
+def long_dataset(server, tmp_path_factory):
+    """(local dir, s3 URL): 40,000 records in 2 shards, 40 unshuffled windows of the default 1,000."""
+    src = tmp_path_factory.mktemp("long-src")
+    ids, _ = padded_tokens(np.random.default_rng(6), 40_000, 24)
+    np.save(src / "input_ids.npy", ids)
+    np.save(src / "rid.npy", np.arange(40_000, dtype=np.int64))
+    root = tmp_path_factory.mktemp("long")
+    dlpipe.reshard([str(src / "input_ids.npy"), str(src / "rid.npy")], root, pad_id=0, num_shards=2, workers=1,
+                   progress=False)
+    return str(root), server.upload(root, "s3://dlpipe/long")
+
+
+@pytest.mark.torch
+def test_unshuffled_workers_read_runs_too_and_resume_only_under_the_same_runs(server, proxy, long_dataset):
+    """Unshuffled, workers take runs of the block the dataset would shuffle by (over object storage
+    >= 1 MiB), not every other window; locally a block is within a window, so nothing changes
+    there, and a state saved under one dealing is refused under the other."""
+    pytest.importorskip("torch")
+    local, url = long_dataset
+    so = {**server.storage_options, "endpoint_url": proxy.endpoint}
+    shards = [f"/{url.removeprefix('s3://')}/{s.path}" for s in dlpipe.load_dataset(local).info.shards]
+    dl = dlpipe.load_dataset(url, storage_options=so).to_torch_dataloader(batch_size=250, num_workers=2)
+    windows = dl.dataset.windows()
+    assert len(windows) == 40 and dl.dataset.run_records == dl.dataset.source.block_records
+    assert len({w.run for w in windows}) == 20  # runs of 2: capped at 1/MIN_RUNS of the windows
+    before = sum(1 for method, path, _ in proxy.log if method == "GET" and path in shards)
+    got = rids(dl)
+    gets = sum(1 for method, path, _ in proxy.log if method == "GET" and path in shards) - before
+    assert collections.Counter(r for b in got for r in b) == collections.Counter(range(40_000))
+    assert gets <= 20 + 2 * len(shards) < len(windows)
+    here = dlpipe.load_dataset(local).to_torch_dataloader(batch_size=250, num_workers=2)
+    assert here.dataset.run_records is None and len({w.run for w in here.dataset.windows()}) == 40
+    it = iter(here)
+    next(it)
+    state = here.state_dict()
+    del it
+    with pytest.raises(dlpipe.ConfigError, match="run_records"):
+        dl.load_state_dict(state)
