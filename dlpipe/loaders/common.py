@@ -30,7 +30,6 @@ import numpy as np
 
 from dlpipe.defaults import MASK_COLUMN
 from dlpipe.errors import ConfigError
-from dlpipe.formats.base import Ragged  # noqa: F401  (re-exported)
 from dlpipe.formats.index import read_index  # noqa: F401  (re-exported)
 from dlpipe.loaders.collate import bucket_ids
 from dlpipe.loaders.shard_reader import ShardReader  # noqa: F401  (re-exported)

@@ -124,8 +124,7 @@ class PlannedEpochs:
         # memory maps read any window at once; decompressing or fetching wants a stream
         self.random_access = info.compression is None and (not info.remote or self.reader.cache_dir is not None)
         self._lock = threading.Lock()
-        self._plans: OrderedDict[int, tuple[list[Window], list[Element]]] = OrderedDict()
-        self._fingerprints: OrderedDict[int, int] = OrderedDict()
+        self._plans: OrderedDict[int, tuple[list[Window], list[Element], int]] = OrderedDict()
         self._streams: OrderedDict[tuple[int, int], Iterator[tuple]] = OrderedDict()
         self._indexed: set[int] = set()  # shards whose indexes the reader holds
         self._idle: list[Any] = []  # copies of the reader for random access, not in use
@@ -154,22 +153,21 @@ class PlannedEpochs:
         return np.int64(len(self.plan(epoch)[1]))
 
     def fingerprint(self, epoch: int) -> int:
-        """``_fingerprint`` of ``epoch``'s plan (kept for the last few epochs, as the plans)."""
-        windows, elements = self.plan(epoch)
-        with self._lock:
-            if epoch not in self._fingerprints:
-                self._fingerprints[epoch] = _fingerprint(windows, elements)
-                while len(self._fingerprints) > _PLANS_KEPT:
-                    self._fingerprints.popitem(last=False)
-            return self._fingerprints[epoch]
+        """``_fingerprint`` of ``epoch``'s plan."""
+        return self._planned(epoch)[2]
 
     def plan(self, epoch: int) -> tuple[list[Window], list[Element]]:
         """``epoch``'s windows and elements (kept for the last few epochs)."""
+        windows, elements, _ = self._planned(epoch)
+        return windows, elements
+
+    def _planned(self, epoch: int) -> tuple[list[Window], list[Element], int]:
         with self._lock:
             if epoch not in self._plans:
                 windows = self._plan_fn(epoch)
                 self._load_indexes(windows)
-                self._plans[epoch] = (windows, self._group(windows))
+                elements = self._group(windows)
+                self._plans[epoch] = (windows, elements, _fingerprint(windows, elements))
                 while len(self._plans) > _PLANS_KEPT:
                     self._plans.popitem(last=False)
             self._plans.move_to_end(epoch)
