@@ -94,34 +94,41 @@ def shard_count(
 
 
 def balance(lengths: np.ndarray, num_shards: int, *, scale: float = 1.0, offset: float = 0.0,
-            chunk: int = 1 << 20) -> np.ndarray:
+            block: int = 4096) -> np.ndarray:
     """num_shards+1 boundaries cutting records (in order) into runs of near-equal total cost,
     where record i costs ``lengths[i] * scale + offset``.
 
-    Each cut is the record boundary nearest to its share of the total. Running sums are built a
-    chunk at a time, so memory stays flat however many records there are. No shard is left
-    empty while another holds several records.
+    Each cut is the record boundary nearest to its share of the total. The cost of records
+    ``[0, i)`` is ``scale * (sum of their lengths) + offset * i``, with the sum exact for integer
+    lengths; it is summed a ``block`` of records at a time, and running sums are taken only inside
+    the blocks that hold a cut, so the plan allocates no array the size of the dataset (each fresh
+    page of one costs more than the sums). No shard is left empty while another holds several
+    records.
     """
     n = len(lengths)
     if n == 0:
         return np.zeros(num_shards + 1, dtype=np.int64)
-    total = scale * float(np.sum(lengths, dtype=np.float64)) + offset * n
-    targets = total * np.arange(1, num_shards) / num_shards
+    acc = np.int64 if lengths.dtype.kind in "iub" else np.float64
+    whole = n - n % block
+    sums = np.add.reduce(lengths[:whole].reshape(-1, block), axis=1, dtype=acc)
+    if whole < n:
+        sums = np.append(sums, np.sum(lengths[whole:], dtype=acc))
+    ends = np.cumsum(sums)  # lengths summed up to each block's end
+    block_stop = np.minimum(np.arange(1, len(sums) + 1, dtype=np.int64) * block, n)
+    end_cost = scale * ends + offset * block_stop
+    targets = end_cost[-1] * np.arange(1, num_shards) / num_shards
+    where = np.minimum(np.searchsorted(end_cost, targets, side="left"), len(sums) - 1)
     cuts = np.empty(num_shards - 1, dtype=np.int64)
-    done, base = 0, 0.0
-    for a in range(0, n, chunk):
-        part = lengths[a : a + chunk]
-        cum = base + np.cumsum(part * scale + offset, dtype=np.float64)
-        last = a + chunk >= n
-        upto = len(targets) if last else int(np.searchsorted(targets, cum[-1], side="right"))
-        if upto > done:
-            t = targets[done:upto]
-            idx = np.minimum(np.searchsorted(cum, t, side="left"), len(cum) - 1)
-            prev = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], base)
-            take_prev = np.abs(prev - t) <= np.abs(cum[idx] - t)
-            cuts[done:upto] = a + np.where(take_prev, idx, idx + 1)
-            done = upto
-        base = float(cum[-1])
+    for b in np.unique(where):
+        lo, hi = int(b) * block, int(block_stop[b])
+        before = ends[b - 1] if b else acc(0)
+        cum = scale * (before + np.cumsum(lengths[lo:hi], dtype=acc)) + offset * np.arange(lo + 1, hi + 1)
+        mine = where == b
+        t = targets[mine]
+        idx = np.minimum(np.searchsorted(cum, t, side="left"), len(cum) - 1)
+        prev = np.where(idx > 0, cum[np.maximum(idx - 1, 0)], scale * before + offset * lo)
+        take_prev = np.abs(prev - t) <= np.abs(cum[idx] - t)
+        cuts[mine] = lo + np.where(take_prev, idx, idx + 1)
     cuts = np.clip(np.maximum.accumulate(cuts), 0, n)
     if n >= num_shards:
         # cut i - i must be non-decreasing, within [0, n - num_shards]: cuts rise by >= 1

@@ -12,7 +12,8 @@ from dlpipe.reshard.plan import balance, parse_splits, plan_shards, split_bounds
 def test_balance_covers_every_record_once_and_evenly(costs, k):
     costs = np.array(costs, dtype=np.float64)
     cuts = balance(costs, k)
-    assert np.array_equal(cuts, balance(costs, k, chunk=7))  # chunked sums cut in the same places
+    assert np.array_equal(cuts, balance(costs, k, block=7))  # blocked sums cut in the same places
+    assert np.array_equal(cuts, balance(costs.astype(np.uint16), k, block=5))  # integer lengths: exact sums
     assert cuts[0] == 0 and cuts[-1] == len(costs) and np.all(np.diff(cuts) >= 0) and len(cuts) == k + 1
     if len(costs) >= k:
         assert np.all(np.diff(cuts) >= 1)  # no empty shard while another holds several
