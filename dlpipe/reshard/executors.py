@@ -47,30 +47,31 @@ class LocalPool:
 
     ``workers - 1`` helper processes are started (by ``pool_context()``) when the pool is made,
     so they start while this process goes on; then every ``map`` runs its calls in the helpers
-    and in this process alike, each process claiming the next call from a shared counter when
-    it is ready to start it. Why not a ``ProcessPoolExecutor``: a reshard has few calls (8
-    shards for 2 workers is common), so a worker idle at the end while another still has a call
-    queued, as a ``ProcessPoolExecutor`` queues one ahead, costs a large share of the run; and
-    this process already has the source's pages mapped and its heap faulted in, where each
-    fresh worker would fault them in again (and fork once more). ``workers=1`` starts no
-    process.
+    and in this process alike, each process claiming its next call (``_Claims``) when it is
+    ready to start it. Why not a ``ProcessPoolExecutor``: a reshard has few calls (8 shards for
+    2 workers is common), so a worker idle at the end while another still has a call queued, as
+    a ``ProcessPoolExecutor`` queues one ahead, costs a large share of the run; and this process
+    already has the source's pages mapped and its heap faulted in, where each fresh worker would
+    fault them in again (and fork once more). ``workers=1`` starts no process.
 
-    Results come back in call order, and so does the first error: an error of a call stops new
-    claims; calls before it finish, and the error is raised when the caller reaches its result.
+    Results come back in call order. An error of a call stops new claims at once (a bad record
+    is reported in the time of a call, not after every call before it); the calls running
+    finish, then the results before the first missing one are given, and the error of the
+    lowest-numbered call that failed is raised in place of the rest.
     """
 
     def __init__(self, workers: int, *, initializer: Callable, initargs: tuple = ()) -> None:
         self._initializer = initializer
         self._initargs = initargs
         ctx = pool_context()
-        # the next call to claim, counted over every map of the pool: a helper still finishing
-        # one map cannot claim a call of the next
-        self._next = ctx.Value("q", 0)
+        self._claims = _Claims(ctx, workers)
+        self._maps = 0  # maps so far: the next one's number
         self._helpers: list[tuple] = []
+        self._idle: set[int] = set()  # helpers that found no call of the current map left
         self._closed = False
-        for _ in range(workers - 1):
+        for p in range(1, workers):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_helper_main, args=(theirs, self._next, initializer, initargs),
+            proc = ctx.Process(target=_helper_main, args=(theirs, self._claims, p, initializer, initargs),
                                name="dlpipe-reshard-worker", daemon=True)
             proc.start()
             theirs.close()
@@ -81,42 +82,50 @@ class LocalPool:
         as the results are taken."""
         args = list(args)
         self._initializer(*self._initargs)  # the installed job is this pool's
-        with self._next.get_lock():
-            base = self._next.value
-        end = base + len(args)
+        number = self._maps
+        self._maps += 1
+        self._claims.start(number, len(args))
+        self._idle = set()
         calls = _write_calls(args) if self._helpers else None
         for _, conn in self._helpers:
             with contextlib.suppress(OSError):  # a helper that died is reported as the results are taken
-                conn.send((base, end, fn, *calls))
-        return self._results(fn, args, base, end, calls[0] if calls else None)
+                conn.send((number, fn, *calls))
+        return self._results(fn, args, number, calls[0] if calls else None)
 
-    def _results(self, fn: Callable, args: list, base: int, end: int, calls: str | None) -> Iterator:
+    def _results(self, fn: Callable, args: list, number: int, calls: str | None) -> Iterator:
         results: dict[int, tuple[bool, object]] = {}
         try:
-            for k in range(base, end):
+            for k in range(len(args)):
                 while k not in results:
-                    i = _claim(self._next, end)
+                    failed = [i for i, (ok, _) in results.items() if not ok]
+                    if failed:  # no new claims: wait for the running calls, then k is there or never runs
+                        while len(self._idle) < len(self._helpers):
+                            self._collect(results, number, block=True)
+                        if k not in results:
+                            raise results[min(i for i, (ok, _) in results.items() if not ok)][1]
+                        continue
+                    i = self._claims.take(0, number)
                     if i is None:
-                        self._collect(results, base, end, block=True)
+                        self._collect(results, number, block=True)
                         continue
                     try:
-                        results[i] = True, fn(args[i - base])
-                    except Exception as e:  # raised in order, after the calls before it
+                        results[i] = True, fn(args[i])
+                    except Exception as e:
                         results[i] = False, e
-                        _stop_claims(self._next, end)
-                    self._collect(results, base, end, block=False)
+                        self._claims.stop(number)
+                    self._collect(results, number, block=False)
                 ok, value = results.pop(k)
                 if not ok:
                     raise value
                 yield value
         finally:
-            _stop_claims(self._next, end)
+            self._claims.stop(number)
             if calls:  # every claimed call has reported (or the map failed): none reads it now
                 with contextlib.suppress(OSError):
                     os.unlink(calls)
 
-    def _collect(self, results: dict, base: int, end: int, *, block: bool) -> None:
-        """Take the helpers' finished results (waiting for one if ``block``)."""
+    def _collect(self, results: dict, number: int, *, block: bool) -> None:
+        """Take the helpers' finished results and idle notes (waiting for one if ``block``)."""
         if not self._helpers:
             return
         conns = [conn for _, conn in self._helpers]
@@ -125,20 +134,25 @@ class LocalPool:
             gone = proc.sentinel in ready
             try:
                 while conn in ready and conn.poll():
-                    start, i, ok, value = conn.recv()
-                    if start == base:  # a result of an earlier map, stopped by an error, is dropped
-                        results[i] = ok, value
-                        if not ok:
-                            _stop_claims(self._next, end)
+                    which, i, ok, value = conn.recv()
+                    if which != number:  # a note of an earlier map, stopped by an error: dropped
+                        continue
+                    if i is None:
+                        self._idle.add(proc.pid)
+                        continue
+                    results[i] = ok, value
+                    if not ok:
+                        self._claims.stop(number)
             except (EOFError, OSError):
                 gone = True
             if gone:
                 proc.join()
                 if self._closed and proc.exitcode == 0:  # done with every map it was sent
                     self._helpers.remove((proc, conn))
+                    self._idle.discard(proc.pid)
                     conn.close()
                     continue
-                _stop_claims(self._next, end)
+                self._claims.stop(number)
                 raise DlpipeError(f"a reshard worker process (pid {proc.pid}) died ({_exit_reason(proc.exitcode)}); "
                                   "rerun to resume from the finished shards")
 
@@ -153,7 +167,7 @@ class LocalPool:
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Let each helper finish its current call (no new ones are claimed) and exit."""
-        _stop_claims(self._next, 1 << 62)
+        self._claims.stop()
         self.close()
         for proc, conn in self._helpers:
             if wait:
@@ -162,19 +176,57 @@ class LocalPool:
         self._helpers = []
 
 
-def _claim(next_call, end: int) -> int | None:
-    """The next call to run, or None once all calls of the map up to ``end`` are claimed."""
-    with next_call.get_lock():
-        i = next_call.value
-        if i >= end:
-            return None
-        next_call.value = i + 1
-        return i
+class _Claims:
+    """The calls of the current map that no process has claimed yet, shared by the pool's
+    processes.
 
+    A map's calls are cut into one contiguous segment per process. A process takes calls from
+    the front of its own segment, and once that is empty, from the back of the segment with the
+    most calls left, so the processes still finish together. Neighbouring calls read
+    neighbouring records (the scan's record ranges; shards, in record order), so each process
+    reads one region of the source in both passes: it maps each page of it once, where taking
+    turns has every process map most of the source (and tear its mappings down at the end), and
+    it reads a cold file front to back.
+    """
 
-def _stop_claims(next_call, end: int) -> None:
-    with next_call.get_lock():
-        next_call.value = max(next_call.value, end)
+    def __init__(self, ctx, processes: int) -> None:
+        self._processes = processes
+        # the current map's number, then [front, back) of each process's segment of its calls
+        self._shared = ctx.Array("q", 1 + 2 * processes)
+
+    def start(self, number: int, count: int) -> None:
+        """Map ``number``, of ``count`` calls; the previous map's calls are over."""
+        n = self._processes
+        with self._shared.get_lock():
+            a = self._shared.get_obj()
+            a[0] = number
+            for p in range(n):
+                a[1 + 2 * p], a[2 + 2 * p] = count * p // n, count * (p + 1) // n
+
+    def take(self, process: int, number: int) -> int | None:
+        """The next call of map ``number`` for ``process`` to run; None when none is left."""
+        with self._shared.get_lock():
+            a = self._shared.get_obj()
+            if a[0] != number:
+                return None
+            front, back = a[1 + 2 * process], a[2 + 2 * process]
+            if front < back:
+                a[1 + 2 * process] = front + 1
+                return front
+            left = [a[2 + 2 * p] - a[1 + 2 * p] for p in range(self._processes)]
+            p = max(range(self._processes), key=left.__getitem__)
+            if left[p] <= 0:
+                return None
+            a[2 + 2 * p] -= 1
+            return a[2 + 2 * p]
+
+    def stop(self, number: int | None = None) -> None:
+        """No more calls of map ``number`` (None: of any map) are taken."""
+        with self._shared.get_lock():
+            a = self._shared.get_obj()
+            if number is None or a[0] == number:
+                for p in range(self._processes):
+                    a[1 + 2 * p] = a[2 + 2 * p]
 
 
 def _write_calls(args: list) -> tuple[str, list[int]]:
@@ -189,22 +241,23 @@ def _write_calls(args: list) -> tuple[str, list[int]]:
     return path, offsets
 
 
-def _helper_main(conn, next_call, initializer: Callable, initargs: tuple) -> None:
+def _helper_main(conn, claims: _Claims, process: int, initializer: Callable, initargs: tuple) -> None:
     """A helper process: for each map the pool sends, run calls while there are any to claim
-    and the pool's process lives (if it is killed, the helper claims no more)."""
+    and the pool's process lives (if it is killed, the helper claims no more), then say so."""
     initializer(*initargs)
     pool_pid = os.getppid()
     try:
         while (message := conn.recv()) is not None:
-            base, end, fn, path, offsets = message
-            while os.getppid() == pool_pid and (i := _claim(next_call, end)) is not None:
+            number, fn, path, offsets = message
+            while os.getppid() == pool_pid and (i := claims.take(process, number)) is not None:
                 try:
                     with open(path, "rb") as f:  # still there: the pool waits for this call's result
-                        f.seek(offsets[i - base])
-                        arg = pickle.loads(f.read(offsets[i - base + 1] - offsets[i - base]))
-                    conn.send((base, i, True, fn(arg)))
+                        f.seek(offsets[i])
+                        arg = pickle.loads(f.read(offsets[i + 1] - offsets[i]))
+                    conn.send((number, i, True, fn(arg)))
                 except Exception as e:
-                    conn.send((base, i, False, _portable(e)))
+                    conn.send((number, i, False, _portable(e)))
+            conn.send((number, None, True, None))  # idle until the next map
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass  # Ctrl-C reaches every process of the group, and the pool raises it; or the pool is gone
 
