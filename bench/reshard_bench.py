@@ -9,8 +9,10 @@ code points + float32 [N,2] labels) into variable-length shards:
   plain and gzip; gzip with the fastest deflate installed, ISA-L, and with plain zlib as
   without it: ``DLPIPE_DEFLATE=zlib``), 8 shards
 
-Each run is timed ``--repeat`` times (wall clock around the call, page cache warm) and
-reported as median (min-max). Results go to ``bench/results/reshard.json`` and a markdown
+Each run is timed ``--repeat`` times (wall clock around the call, page cache warm) after one
+untimed warm-up run (the whole run for dlpipe; the first ``WARMUP_PEER_RECORDS`` records for the
+Python loops, whose cost is per record), and reported as median (min-max). The warm-up faults in
+the heap and the code paths a first run pays for once: a fresh VM can fault new memory slowly. Results go to ``bench/results/reshard.json`` and a markdown
 rendering of it, ``reshard.md`` (``--render-only`` rebuilds the markdown from the json).
 
     python bench/reshard_bench.py [--records 200000] [--repeat 3]
@@ -96,6 +98,9 @@ def wds_loop(corpus_dir: Path, out_dir: Path, limit: int, num_shards: int) -> in
     return limit
 
 
+WARMUP_PEER_RECORDS = 5_000
+
+
 def import_peers() -> None:
     """Import TensorFlow and webdataset (seconds) and open one writer, outside the timings."""
     import tensorflow as tf
@@ -165,8 +170,13 @@ def timed_runs(
     num_records: int,
     timed_records: int,
     info: dict[str, Any],
+    warmup: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``work(out_dir)`` ``repeat`` times in a fresh directory; one result row."""
+    """Run ``warmup(out_dir)`` (default: ``work``) once untimed, then ``work(out_dir)``
+    ``repeat`` times, each in a fresh directory; one result row."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    (warmup or work)(out_dir)
     seconds: list[float] = []
     cpu: list[float] = []
     others: list[float] = []
@@ -339,9 +349,11 @@ def run_peers(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dic
     import_peers()
     peer_n = min(args.peer_records or args.records, args.records)
     common = {"repeat": args.repeat, "num_records": args.records, "timed_records": peer_n}
+    warm_n = min(WARMUP_PEER_RECORDS, peer_n)
     tf_run = timed_runs(
         "tf-loop",
         lambda d: tf_loop(corpus_dir, d, peer_n),
+        warmup=lambda d: tf_loop(corpus_dir, d, warm_n),
         out_dir=out / "tf-loop",
         info={
             "tool": "tf.io.TFRecordWriter",
@@ -354,6 +366,7 @@ def run_peers(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dic
     wds_run = timed_runs(
         "wds-loop",
         lambda d: wds_loop(corpus_dir, d, peer_n, args.num_shards),
+        warmup=lambda d: wds_loop(corpus_dir, d, warm_n, args.num_shards),
         out_dir=out / "wds-loop",
         info={
             "tool": "webdataset.ShardWriter",
@@ -411,6 +424,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "repeat": args.repeat,
             "num_shards": args.num_shards,
             "peer_records": min(args.peer_records or args.records, args.records),
+            "warmup_peer_records": WARMUP_PEER_RECORDS,
         },
         "runs": runs,
         "skipped": skipped,

@@ -195,7 +195,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{c['mean_length']:.1f}, max {c['max_length']}, {c['truncated_records']} truncated; "
         f"input {format_bytes(c['bytes'])} (`input_ids.npy` + `labels.npy`).",
         "",
-        f"Each run {result['settings']['repeat']}x, wall clock, median (min–max); CPU-s: CPU seconds "
+        f"Each run {result['settings']['repeat']}x{_warmup(result['settings'])}, wall clock, median (min–max); CPU-s: CPU seconds "
         "of the run's processes (of all other processes meanwhile). Bytes are the "
         "shards themselves; index and metadata files (`*.index`, `dataset_info.json`) are listed "
         "apart and left out of the ratios.",
@@ -286,3 +286,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         if value is not None:
             lines.append(f"| {label} | {value:.2f} | | info |")
     return "\n".join(lines) + "\n"
+
+
+def _warmup(settings: dict) -> str:
+    """How the runs were warmed up, as the results say (older results do not)."""
+    records = settings.get("warmup_peer_records")
+    if records is None:
+        return ""
+    return f" after one untimed warm-up run (the Python loops: on their first {records:,} records)"
