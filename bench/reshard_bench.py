@@ -11,7 +11,8 @@ code points + float32 [N,2] labels) into variable-length shards:
 
 Each run is timed ``--repeat`` times (wall clock around the call, page cache warm) after one
 untimed warm-up run (the whole run for dlpipe; the first ``WARMUP_PEER_RECORDS`` records for the
-Python loops, whose cost is per record), and reported as median (min-max). The warm-up faults in
+Python loops, whose cost is per record), and reported as median (min-max); the dlpipe configs
+take turns (as do the two loops), so their ratios compare runs made under the same conditions. The warm-up faults in
 the heap and the code paths a first run pays for once: a fresh VM can fault new memory slowly. Results go to ``bench/results/reshard.json`` and a markdown
 rendering of it, ``reshard.md`` (``--render-only`` rebuilds the markdown from the json).
 
@@ -161,39 +162,54 @@ def warm_page_cache(paths: list[Path]) -> None:
                 pass
 
 
+def timed_run(work: Callable[[Path], Any], out_dir: Path) -> tuple[float, float, float, Any]:
+    """``work(out_dir)`` once in a fresh directory: (seconds, own CPU-s, others' CPU-s, summary)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    own0, busy0, t0 = own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
+    summary = work(out_dir)
+    seconds = time.perf_counter() - t0
+    cpu = own_cpu_seconds() - own0
+    return seconds, cpu, max(0.0, machine_busy_seconds() - busy0 - cpu), summary
+
+
 def timed_runs(
+    contenders: list[tuple[str, Callable[[Path], Any], Callable[[Path], Any] | None, Path]],
+    repeat: int,
+) -> dict[str, tuple[list[tuple[float, float, float]], Any]]:
+    """Each contender (name, work, warm-up or None for ``work``, out_dir) warmed up once, untimed,
+    then timed ``repeat`` times, the contenders taking turns: a ratio of two of them then
+    compares runs made under the same conditions, however the machine drifts meanwhile.
+    Returns name: ([(seconds, own CPU-s, others' CPU-s)], last summary)."""
+    for _, work, warmup, out_dir in contenders:
+        timed_run(warmup or work, out_dir)
+    runs: dict[str, tuple[list, Any]] = {name: ([], None) for name, *_ in contenders}
+    for r in range(repeat):
+        for name, work, _, out_dir in contenders:
+            seconds, cpu, others, summary = timed_run(work, out_dir)
+            runs[name] = (runs[name][0] + [(seconds, cpu, others)], summary)
+            print(
+                f"  {name} #{r + 1}: {seconds:.3f} s, {cpu:.2f} CPU-s"
+                f" (other processes: {others:.2f} CPU-s)",
+                flush=True,
+            )
+    return runs
+
+
+def result_row(
     name: str,
-    work: Callable[[Path], Any],
+    samples: list[tuple[float, float, float]],
+    summary: Any,
     *,
     out_dir: Path,
-    repeat: int,
     num_records: int,
     timed_records: int,
     info: dict[str, Any],
-    warmup: Callable[[Path], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``warmup(out_dir)`` (default: ``work``) once untimed, then ``work(out_dir)``
-    ``repeat`` times, each in a fresh directory; one result row."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    (warmup or work)(out_dir)
-    seconds: list[float] = []
-    cpu: list[float] = []
-    others: list[float] = []
-    summary = None
-    for r in range(repeat):
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        own0, busy0, t0 = own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
-        summary = work(out_dir)
-        seconds.append(time.perf_counter() - t0)
-        cpu.append(own_cpu_seconds() - own0)
-        others.append(max(0.0, machine_busy_seconds() - busy0 - cpu[-1]))
-        print(
-            f"  {name} #{r + 1}: {seconds[-1]:.3f} s, {cpu[-1]:.2f} CPU-s"
-            f" (other processes: {others[-1]:.2f} CPU-s)",
-            flush=True,
-        )
+    """One result row from a contender's timed runs and the output its last run left."""
+    seconds = [s for s, _, _ in samples]
+    cpu = [c for _, c, _ in samples]
+    others = [o for _, _, o in samples]
     shard_bytes, side_bytes, files = dir_size(out_dir)
     bytes_per_record = shard_bytes / timed_records
     med = statistics.median(seconds)
@@ -299,24 +315,33 @@ def detect_compression(out_dir: Path) -> str:
 
 
 def run_dlpipe(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Time every dlpipe config; outputs are kept under ``out`` for the read-back check.
+    """Time every dlpipe config, the configs taking turns; outputs are kept under ``out`` for
+    the read-back check.
 
     Runs before TensorFlow is imported: with TF loaded dlpipe starts its workers with
     forkserver instead of fork, which is slower to start; a user's plain script gets fork.
     """
+    configs = dlpipe_configs()
+
+    def work(options: dict[str, Any], env: dict[str, str]) -> Callable[[Path], Any]:
+        def run(d: Path) -> Any:
+            with environment(env):
+                return dlpipe_reshard(corpus_dir, d, args.num_shards, **options)
+
+        return run
+
+    timed = timed_runs([(name, work(o, e), None, out / name) for name, o, e in configs], args.repeat)
     runs = []
     seen: dict[tuple[str, str, str], str] = {}
-    for name, options, env in dlpipe_configs():
-        with environment(env):
-            row = timed_runs(
-                name,
-                lambda d, o=options: dlpipe_reshard(corpus_dir, d, args.num_shards, **o),
-                out_dir=out / name,
-                timed_records=args.records,
-                repeat=args.repeat,
-                num_records=args.records,
-                info={"tool": "dlpipe.reshard", **options, **({"env": env} if env else {})},
-            )
+    for name, options, env in configs:
+        row = result_row(
+            name,
+            *timed[name],
+            out_dir=out / name,
+            timed_records=args.records,
+            num_records=args.records,
+            info={"tool": "dlpipe.reshard", **options, **({"env": env} if env else {})},
+        )
         row["compression"] = detect_compression(out / name)
         if row["compression"] != "none":
             row["deflate"] = deflate_identity(env)
@@ -348,35 +373,22 @@ def run_peers(corpus_dir: Path, out: Path, args: argparse.Namespace) -> list[dic
     """Time the two per-record Python loops (on the first ``--peer-records`` if given)."""
     import_peers()
     peer_n = min(args.peer_records or args.records, args.records)
-    common = {"repeat": args.repeat, "num_records": args.records, "timed_records": peer_n}
     warm_n = min(WARMUP_PEER_RECORDS, peer_n)
-    tf_run = timed_runs(
-        "tf-loop",
-        lambda d: tf_loop(corpus_dir, d, peer_n),
-        warmup=lambda d: tf_loop(corpus_dir, d, warm_n),
-        out_dir=out / "tf-loop",
-        info={
-            "tool": "tf.io.TFRecordWriter",
-            "format": "tfrecord",
-            "workers": 1,
-            "compression": "none",
-        },
-        **common,
+    peers = [
+        ("tf-loop", lambda d, k: tf_loop(corpus_dir, d, k),
+         {"tool": "tf.io.TFRecordWriter", "format": "tfrecord"}),
+        ("wds-loop", lambda d, k: wds_loop(corpus_dir, d, k, args.num_shards),
+         {"tool": "webdataset.ShardWriter", "format": "webdataset"}),
+    ]
+    timed = timed_runs(
+        [(name, lambda d, f=f: f(d, peer_n), lambda d, f=f: f(d, warm_n), out / name) for name, f, _ in peers],
+        args.repeat,
     )
-    wds_run = timed_runs(
-        "wds-loop",
-        lambda d: wds_loop(corpus_dir, d, peer_n, args.num_shards),
-        warmup=lambda d: wds_loop(corpus_dir, d, warm_n, args.num_shards),
-        out_dir=out / "wds-loop",
-        info={
-            "tool": "webdataset.ShardWriter",
-            "format": "webdataset",
-            "workers": 1,
-            "compression": "none",
-        },
-        **common,
-    )
-    return [tf_run, wds_run]
+    return [
+        result_row(name, *timed[name], out_dir=out / name, num_records=args.records, timed_records=peer_n,
+                   info={**info, "workers": 1, "compression": "none"})
+        for name, _, info in peers
+    ]
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -424,7 +436,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "repeat": args.repeat,
             "num_shards": args.num_shards,
             "peer_records": min(args.peer_records or args.records, args.records),
-            "warmup_peer_records": WARMUP_PEER_RECORDS,
+            "warmup_peer_records": min(WARMUP_PEER_RECORDS, args.peer_records or args.records, args.records),
         },
         "runs": runs,
         "skipped": skipped,
