@@ -63,3 +63,13 @@ bench-shuffle: venv
 .PHONY: gpu-check
 gpu-check: venv
 	$(PY) bench/gpu_check.py --out gpu-check
+
+# What a lent GPU machine (no network; PyTorch and numpy only) needs to run bench/gpu_run.sh:
+# dlpipe's core dependencies as wheels for CPython 3.10-3.13 (about 1.5 MB), carried as .gpu-wheels.
+.PHONY: gpu-wheels
+gpu-wheels: venv
+	for v in 3.10 3.11 3.12 3.13; do \
+		$(PY) -m pip download -q -d .gpu-wheels --no-deps --only-binary=:all: --implementation cp \
+			--python-version $$v --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+			--platform manylinux_2_28_x86_64 google-crc32c click isal || exit 1; \
+	done

@@ -20,7 +20,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from dlpipe._deps import check_available
+from dlpipe._deps import check_available, is_available
 from dlpipe.benchmark.config import BenchConfig, FrameworkResult
 from dlpipe.benchmark.ledger import Ledger
 from dlpipe.benchmark.machine import cpu_sets, describe, measure_ceilings
@@ -133,7 +133,9 @@ def run_bench(
     padding: str | Sequence[str] | None = None,
     say: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Run the benchmark and write ``results.json``, ``report.md`` and plots to ``output``.
+    """Run the benchmark and write ``results.json``, ``report.md`` and plots to ``output``
+    (the plots only where matplotlib, of the ``bench`` extra, is installed: a GPU box without it
+    still gets its numbers, and ``say`` tells how to get the plots).
 
     ``padding``: the padding modes (``dlpipe.benchmark.modes``; None or "all": all four) whose
     training rows the 1-process setting of each framework measures, each with a stand-in step
@@ -250,10 +252,19 @@ def run_bench(
     if best is not None:
         results["targets"].append(make_target("TF/PyTorch parity at the best setting of each", best["ratio"],
                                               at_least=0.8, at_most=1.25))
+    write_outputs(results, out, say)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: Path, say: Callable[[str], None]) -> None:
+    """``results.json``, ``report.md`` and, where matplotlib is installed, the plots into ``out``."""
     save(results, out)
     (out / "report.md").write_text(render_report(results))
-    write_plots(results, out)
-    return results
+    if is_available("matplotlib"):
+        write_plots(results, out)
+    else:
+        say("plots skipped: matplotlib is not installed (pip install 'dlpipe[bench]'); results.json and "
+            "report.md hold every figure")
 
 
 def _mode_run(base: BenchConfig) -> dict[str, int]:

@@ -322,6 +322,25 @@ def test_plots_are_pngs(tmp_path):
         assert p.read_bytes()[:8] == PNG_SIGNATURE
 
 
+@pytest.mark.parametrize("plots", [True, False])
+def test_a_run_without_matplotlib_still_writes_its_results(tmp_path, monkeypatch, plots):
+    # a GPU box without the bench extra keeps the numbers it measured; the plots are a nicety
+    from dlpipe.benchmark import runner
+
+    if plots:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setattr(runner, "is_available", lambda module: module != "matplotlib")
+    said = []
+    runner.write_outputs(sample_results(), tmp_path, said.append)
+    assert (tmp_path / "results.json").exists() and (tmp_path / "report.md").exists()
+    assert (tmp_path / "throughput.png").exists() == plots
+    if plots:
+        assert said == []
+    else:
+        assert len(said) == 1 and "pip install 'dlpipe[bench]'" in said[0]
+
+
 # --- machine -----------------------------------------------------------------------------
 
 
