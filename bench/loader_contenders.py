@@ -357,8 +357,8 @@ def accepts(func_path: str, param: str) -> bool:
 NEEDS = {
     "dlpipe-tf-bucket": ("dlpipe.loaders.tf_data.to_tf_dataset", "bucket_boundaries"),
     "dlpipe-tf-packed": ("dlpipe.loaders.tf_data.to_tf_dataset", "packing"),
-    "dlpipe-torch-w0-packed": ("dlpipe.loaders.torch_data.to_torch_dataloader", "packing"),
-    "dlpipe-torch-w2-packed": ("dlpipe.loaders.torch_data.to_torch_dataloader", "packing"),
+    "dlpipe-torch-w0-packed": ("dlpipe.loaders.torch_loader.to_torch_dataloader", "packing"),
+    "dlpipe-torch-w2-packed": ("dlpipe.loaders.torch_loader.to_torch_dataloader", "packing"),
 }
 
 

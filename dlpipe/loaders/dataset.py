@@ -239,7 +239,7 @@ class ShardDataset:
 
     def to_torch_dataloader(self, *args, **kwargs):
         """A PyTorch ``DataLoader`` of padded batches; see ``dlpipe.loaders.torch_data``."""
-        from dlpipe.loaders.torch_data import to_torch_dataloader
+        from dlpipe.loaders.torch_loader import to_torch_dataloader
 
         return to_torch_dataloader(self, *args, **kwargs)
 

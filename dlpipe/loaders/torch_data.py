@@ -61,6 +61,7 @@ The arguments shared with ``to_tf_dataset`` are checked once, as a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -92,7 +93,6 @@ from dlpipe.loaders.torch_batches import (  # noqa: E402
     make_batch,
     transport,
 )
-from dlpipe.loaders.torch_loader import check_worker_args, make_loader, resolve_world  # noqa: E402
 from dlpipe.loaders.torch_state import (  # noqa: E402
     PLAN_KEYS,
     STATE_VERSION,
@@ -106,8 +106,22 @@ __all__ = [
     "LoaderWorkerError",
     "ShardIterableDataset",
     "resolve_world",
-    "to_torch_dataloader",
 ]
+
+
+def resolve_world(world_size: int | None = None, rank: int | None = None) -> tuple[int, int]:
+    """(world_size, rank): explicit arguments, else torch.distributed, else RANK/WORLD_SIZE, else (1, 0)."""
+    LoaderOptions(world_size=world_size, rank=rank)  # both or neither, in range
+    if world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            world_size, rank = dist.get_world_size(), dist.get_rank()
+        elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+            world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        else:
+            world_size, rank = 1, 0
+        LoaderOptions(world_size=world_size, rank=rank)
+    return int(world_size), int(rank)
 
 
 class ShardIterableDataset(IterableDataset):
@@ -413,70 +427,3 @@ class ShardIterableDataset(IterableDataset):
         finally:
             windows_read.close()
 
-
-def to_torch_dataloader(
-    ds: Any,  # a loaders.dataset.ShardDataset
-    batch_size: int = 1,
-    shuffle: bool = False,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    collate_fn: Callable[[list[dict[str, np.ndarray]]], Any] | None = None,
-    pad_to_multiple_of: int | None = None,
-    padding_side: str = "right",
-    bucket_boundaries: Sequence[int] | str | None = None,
-    pin_memory: bool = False,
-    prefetch_factor: int | None = None,
-    persistent_workers: bool = False,
-    world_size: int | None = None,
-    rank: int | None = None,
-    uneven: str = "pad",
-    seed: int | None = None,
-    stateful: bool = False,
-    return_attention_mask: bool = True,
-    timeout: float = 0,
-    packing: Any = False,
-    max_length: int | None = None,
-    max_segments: int | None = None,
-    max_tokens: int | None = None,
-    truncate: bool = False,
-    pack_window: int | None = None,
-    device: Any = None,
-):
-    """A DataLoader of padded batches of ``ds`` (see the module docstring).
-
-    ``shuffle=True`` on a dataset not yet ``ds.shuffle(...)``-d shuffles it with ``seed`` (a
-    random one when None, recorded in ``state_dict``); a shuffled ``ds`` is shuffled either way,
-    and ``seed`` then replaces its seed (``loaders.options.resolve_shuffle``, shared with tf.data).
-    ``bucket_boundaries``: lengths, or ``"auto"`` for ``default_boundaries`` of the first variable
-    column; each batch is padded to the smallest boundary that fits (records are grouped by
-    bucket within a window). Returns a ``DlpipeDataLoader``, or with ``stateful=True`` a
-    torchdata ``StatefulDataLoader`` subclass; both have ``set_epoch``, ``state_dict`` and
-    ``load_state_dict``. A worker that dies, or with ``timeout`` > 0 sends no batch for that many
-    seconds, ends the epoch with ``LoaderWorkerError``.
-    With ``packing`` (``dlpipe.loaders.packed``) ``batch_size`` is rows per batch, or
-    ``max_tokens`` tokens per batch (``batch_size`` then stays at its default, 1).
-    ``device`` (e.g. ``"cuda"``): the loader comes wrapped in a ``DevicePrefetcher`` that copies
-    the next batch to the device on a side stream while the current one trains (use with
-    ``pin_memory=True``); ``set_epoch`` and ``state_dict`` pass through, exact.
-    """
-    require("torch", "to_torch_dataloader")
-    check_worker_args(num_workers, prefetch_factor, persistent_workers, timeout)
-    if batch_size == 1 and packing not in (False, None) and (max_tokens or not isinstance(packing, (bool, str))):
-        batch_size = None  # the default: the token budget or the PackingOptions sets the rows
-    options = LoaderOptions(
-        batch_size=batch_size, drop_last=drop_last, pad_to_multiple_of=pad_to_multiple_of,
-        padding_side=padding_side, bucket_boundaries=bucket_boundaries,
-        return_attention_mask=return_attention_mask, shuffle=shuffle, seed=seed,
-        world_size=world_size, rank=rank, uneven=uneven, packing=packing, max_length=max_length,
-        max_segments=max_segments, max_tokens=max_tokens, truncate=truncate, pack_window=pack_window,
-    )
-    dataset = ShardIterableDataset.from_options(ds, options, collate_fn)
-    dataset.loader_transport = True
-    loader = make_loader(dataset, stateful=stateful, num_workers=num_workers, pin_memory=pin_memory,
-                         prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                         timeout=timeout)
-    if device is None:
-        return loader
-    from dlpipe.loaders.torch_prefetch import DevicePrefetcher
-
-    return DevicePrefetcher(loader, device)

@@ -40,7 +40,7 @@ def data(tmp_path_factory):
 def has_packing(loader: str) -> bool:
     """Whether this dlpipe's loader takes packing=... (sequence packing may land later)."""
     if loader == "torch":
-        from dlpipe.loaders.torch_data import to_torch_dataloader as fn
+        from dlpipe.loaders.torch_loader import to_torch_dataloader as fn
     else:
         from dlpipe.loaders.tf_data import to_tf_dataset as fn
     return "packing" in inspect.signature(fn).parameters
