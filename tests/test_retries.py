@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from token_rows import padded_tokens
+from token_rows import numbered_shards, padded_tokens
 
 import dlpipe
 from dlpipe.errors import ConfigError, DlpipeError, FormatError, OutputError
@@ -65,16 +65,10 @@ def through(proxy, server, **retry) -> dict:
 
 @pytest.fixture(scope="module")
 def dataset(server, tmp_path_factory):
-    """(local dir, s3 URL): 4 uncompressed TFRecord shards of N records, uploaded directly."""
-    src = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(5)
-    ids, _ = padded_tokens(rng, N, 24)
-    np.save(src / "input_ids.npy", ids)
-    np.save(src / "labels.npy", np.arange(N, dtype=np.int64))  # each record's own number
-    local = tmp_path_factory.mktemp("local")
-    dlpipe.reshard([str(src / "input_ids.npy"), str(src / "labels.npy")], local, pad_id=0, num_shards=4,
-                   workers=1, overwrite=True, progress=False)
-    return str(local), server.upload(local, "s3://dlpipe/retries")
+    """(local dir, s3 URL): 4 uncompressed TFRecord shards of N records, uploaded directly; each
+    record's own number is its label."""
+    local = numbered_shards(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("local"), N, "labels")
+    return local, server.upload(local, "s3://dlpipe/retries")
 
 
 def same_batches(want: list, got: list) -> int:

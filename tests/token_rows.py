@@ -15,3 +15,16 @@ def padded_tokens(rng: np.random.Generator, n: int, width: int, *, pad_id: int =
     ids[ids == pad_id] = pad_id + 1
     ids[np.arange(width)[None, :] >= lengths[:, None]] = pad_id
     return ids, lengths
+
+
+def numbered_shards(src, out, n: int, number_column: str, *, num_shards: int = 4, seed: int = 5) -> str:
+    """``out``: ``num_shards`` uncompressed TFRecord shards of ``n`` padded token rows (width 24),
+    each with its own number in ``number_column``, resharded from .npy files written to ``src``."""
+    import dlpipe
+
+    ids, _ = padded_tokens(np.random.default_rng(seed), n, 24)
+    np.save(src / "input_ids.npy", ids)
+    np.save(src / f"{number_column}.npy", np.arange(n, dtype=np.int64))
+    dlpipe.reshard([str(src / "input_ids.npy"), str(src / f"{number_column}.npy")], out, pad_id=0,
+                   num_shards=num_shards, workers=1, overwrite=True, progress=False)
+    return str(out)

@@ -11,7 +11,7 @@ import collections
 import numpy as np
 import pytest
 from resume_helper import run_save_load_state
-from token_rows import padded_tokens
+from token_rows import numbered_shards, padded_tokens
 
 import dlpipe
 from dlpipe.loaders.common import MIN_RUNS, epoch_windows, run_windows, worker_windows
@@ -58,15 +58,8 @@ def proxy(server):
 @pytest.fixture(scope="module")
 def dataset(server, tmp_path_factory):
     """(local dir, s3 URL): 4 uncompressed TFRecord shards of N records with a record id."""
-    src = tmp_path_factory.mktemp("src")
-    rng = np.random.default_rng(5)
-    ids, _ = padded_tokens(rng, N, 24)
-    np.save(src / "input_ids.npy", ids)
-    np.save(src / "rid.npy", np.arange(N, dtype=np.int64))
-    root = tmp_path_factory.mktemp("tfrecord")
-    dlpipe.reshard([str(src / "input_ids.npy"), str(src / "rid.npy")], root, pad_id=0, num_shards=4, workers=1,
-                   overwrite=True, progress=False)
-    return str(root), server.upload(root, "s3://dlpipe/workers")
+    root = numbered_shards(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("tfrecord"), N, "rid")
+    return root, server.upload(root, "s3://dlpipe/workers")
 
 
 def remote(server, url, proxy=None):
