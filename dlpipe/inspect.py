@@ -58,7 +58,7 @@ def inspect(
     if spec.method == "none":
         lines.append("  padding: no padded columns")
         return "\n".join(lines)
-    lengths, is_left = record_lengths(chunk, spec, path=source.paths[0], first_record=0)
+    lengths, is_left = record_lengths(chunk, spec, path={n: source.column_path(n) for n in chunk}, first_record=0)
     how = {"pad_id": f"pad id {spec.pad_id}{guessed}", "mask": f"mask column {spec.mask_column!r}",
            "lengths": f"lengths column {spec.lengths_column!r}"}[spec.method]
     waste = 1 - lengths.mean() / spec.max_length

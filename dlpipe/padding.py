@@ -122,9 +122,13 @@ def _reference(seq: tuple[str, ...], columns: Mapping[str, Column]) -> str:
 
 
 def record_lengths(
-    chunk: Mapping[str, np.ndarray], spec: PaddingSpec, *, path: str, first_record: int
+    chunk: Mapping[str, np.ndarray], spec: PaddingSpec, *, path: str | Mapping[str, str], first_record: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Real length (steps along the padded axis) of every record, and whether it is left-padded."""
+    """Real length (steps along the padded axis) of every record, and whether it is left-padded.
+    ``path``: the file an error names, or each column's file (``Source.column_path``)."""
+    def file_of(column: str | None) -> str:
+        return path if isinstance(path, str) else path.get(column, next(iter(path.values()), "<input>"))
+
     width = spec.max_length
     n = len(next(iter(chunk.values())))
     if spec.method == "none":
@@ -134,7 +138,7 @@ def record_lengths(
         bad = np.flatnonzero((lengths < 0) | (lengths > width))
         if len(bad):
             i = int(bad[0])
-            raise PaddingError(path, f"lengths column {spec.lengths_column!r} holds {int(lengths[i])}, "
+            raise PaddingError(file_of(spec.lengths_column), f"lengths column {spec.lengths_column!r} holds {int(lengths[i])}, "
                                f"outside 0..{width}", record=first_record + i,
                                hint="fix the lengths column or pass another padding option")
         return lengths, np.full(n, spec.side == "left")
@@ -143,7 +147,7 @@ def record_lengths(
         if mask.dtype != np.bool_:
             bad = np.flatnonzero(((mask != 0) & (mask != 1)).any(axis=1))
             if len(bad):
-                raise PaddingError(path, f"{spec.mask_column!r} holds values other than 0 and 1",
+                raise PaddingError(file_of(spec.mask_column), f"{spec.mask_column!r} holds values other than 0 and 1",
                                    record=first_record + int(bad[0]), hint="pass the real attention mask")
         mask = mask.astype(bool)
         lengths = mask.sum(axis=1, dtype=np.int64)
@@ -155,14 +159,15 @@ def record_lengths(
         if len(bad):
             i = int(bad[0])
             raise PaddingError(
-                path, f"{spec.mask_column!r} of this record is not one contiguous run of ones at the "
+                file_of(spec.mask_column), f"{spec.mask_column!r} of this record is not one contiguous run of ones at the "
                 f"{'start or end' if spec.side == 'auto' else spec.side}, so its length is ambiguous",
                 record=first_record + i, hint="check --padding-side, or pass --lengths-column",
             )
         is_left = left & ~right if spec.side == "auto" else np.full(n, spec.side == "left")
         if spec.pad_id is not None:
             _check_pad_region(by_position(chunk[spec.reference], width), lengths, is_left,
-                              spec.pad_id, spec.reference, path, first_record, against=spec.mask_column)
+                              spec.pad_id, spec.reference, file_of(spec.reference), first_record,
+                              against=spec.mask_column)
         return lengths, is_left
     ref = by_position(chunk[spec.reference], width)
     real = ref[:, :, 0] != spec.pad_id if ref.shape[2] == 1 else (ref != spec.pad_id).any(axis=2)

@@ -105,6 +105,21 @@ def test_no_way_to_find_padding(bad_inputs, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_a_bad_mask_is_named_by_its_own_file(tmp_path):
+    # the error names the file that holds the bad values, not the first source file
+    ids = np.array([[5, 6, 0, 0], [7, 0, 0, 0], [8, 9, 4, 0]])
+    mask = (ids != 0).astype(np.int8)
+    np.save(tmp_path / "ids.npy", ids)
+    for name, bad, why in (("holes.npy", (2, 1), "not one contiguous run"), ("twos.npy", (1, 0), "other than 0 and 1")):
+        broken = mask.copy()
+        broken[bad] = 0 if why.startswith("not") else 2
+        np.save(tmp_path / name, broken)
+        r = run("reshard", f"input_ids={tmp_path / 'ids.npy'}", f"attention_mask={tmp_path / name}",
+                "-o", tmp_path / f"out-{name}", "-j", "2")
+        assert_one_line_error(r, f"{tmp_path / name} (record {bad[0]})", why)
+        assert not (tmp_path / f"out-{name}").exists()
+
+
 def test_output_exists_with_other_content(bad_inputs, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

@@ -45,12 +45,13 @@ def scan_range(bounds: tuple[int, int]) -> tuple[tuple[np.ndarray, np.ndarray | 
     row_bytes = sum(data[:1].nbytes for data in chunk.values())
     step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
     lengths, lefts = [], []
+    files = {name: job.source.column_path(name) for name in chunk}
     ranges: dict[str, tuple] = {}
     varints = {name: 0 for name, data in chunk.items() if data.dtype.kind in "iu"}
     pads: dict[str, tuple] = {}
     for a in range(0, stop - start, step):
         block = {name: data[a : a + step] for name, data in chunk.items()}
-        lens, is_left = record_lengths(block, job.spec, path=job.source.paths[0], first_record=start + a)
+        lens, is_left = record_lengths(block, job.spec, path=files, first_record=start + a)
         lengths.append(lens)
         lefts.append(is_left)
         for name, data in block.items():
@@ -131,7 +132,7 @@ def check_pad_values(spec: PaddingSpec, found: ScanResult, source: Source) -> di
         bad = next(((s, v) for s, v in seen if v[0] != v[1] or v != first), None)
         if bad is not None:
             raise PaddingError(
-                source.paths[0],
+                source.column_path(name),
                 f"column {name!r} holds differing values ({bad[1][0]}..{bad[1][1]}) where the lengths say "
                 f"padding is, so it is not padded like {spec.reference or spec.mask_column or spec.lengths_column!r}",
                 record=bad[0],

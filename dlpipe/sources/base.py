@@ -96,6 +96,11 @@ class Source(abc.ABC):
     def describe(self) -> str:
         return f"{self.kind} source {', '.join(self.paths)}"
 
+    def column_path(self, name: str) -> str:
+        """The file that holds column ``name``, for error messages (the source as a whole when
+        its columns share files)."""
+        return self.paths[0] if len(self.paths) == 1 else self.describe()
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in getattr(self, "_unpicklable", ()):

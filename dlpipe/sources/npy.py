@@ -113,6 +113,9 @@ class NpySource(Source):
                     self._maps[name] = np.memmap(loc.local_copy(), dtype=d, mode="r", offset=off, shape=s)
         return self._maps
 
+    def column_path(self, name: str) -> str:
+        return self._files[name]
+
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         # Rows from anywhere in the file (a shuffled shard): a range request per run of rows would
         # fetch most of a remote file again for every chunk, so it is fetched once into this
