@@ -9,6 +9,7 @@ again, and an upload cut off by the kill is not.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -68,16 +69,28 @@ class S3Server:
             urllib.request.urlopen(req, timeout=120).read()
 
     def _trim_recording(self) -> None:
-        """Drop a last line cut short by a kill (the request it held never completed)."""
+        """Keep the recording's whole requests, one per line. Moto appends each request with
+        more than one write, from concurrent threads: a kill can cut the last one short, and two
+        requests can share a line (a large one's newline written after a small one). What does not
+        parse is dropped; the rest replays."""
         if not os.path.exists(self.recording):
             open(self.recording, "w").close()
             return
-        with open(self.recording, "rb") as f:
-            data = f.read()
-        keep = data[: data.rfind(b"\n") + 1]
-        if keep != data:
-            with open(self.recording, "wb") as f:
-                f.write(keep)
+        decoder = json.JSONDecoder()
+        kept = []
+        with open(self.recording, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                at, line = 0, line.strip()
+                while at < len(line):
+                    try:
+                        entry, at = decoder.raw_decode(line, at)
+                    except ValueError:
+                        break
+                    kept.append(json.dumps(entry))
+                    while at < len(line) and line[at].isspace():
+                        at += 1
+        with open(self.recording, "w", encoding="utf-8") as f:
+            f.writelines(entry + "\n" for entry in kept)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
