@@ -68,7 +68,11 @@ DEFAULT_CACHE = BENCH_DIR / ".cache"
 DEFAULT_RESULTS = BENCH_DIR / "results"
 REMOTE = "s3://dlpipe/bench/tfrecord"
 SOURCES = ("local", "s3", "s3-cache")
-LOADERS = {"torch-w0": "torch", "torch-w2": "torch", "tf": "tf"}
+LOADERS = {"torch-w0": "torch", "torch-w2": "torch", "tf": "tf",
+           "torch-w0-map10us": "torch", "torch-w2-map10us": "torch"}
+# a ~10 µs Python map per record (loader_contenders.busy_10us): read from local disk and S3 only,
+# and left out of the fault runs (it would only slow their epochs down)
+MAPPED = ("torch-w0-map10us", "torch-w2-map10us")
 VERSIONS = ("s3fs", "fsspec", "moto")  # beside describe()'s
 
 
@@ -94,9 +98,21 @@ def make_loader(loader: str, source: str, shards: Path, endpoint: str, cache: st
     if loader == "tf":
         tfds = ds.to_tf_dataset(batch_size=256, columns=["input_ids"], label_cols=["labels"], shuffle=True)
         return lambda: tfds
-    workers = int(loader.removeprefix("torch-w"))
-    dl = ds.to_torch_dataloader(batch_size=256, shuffle=True, num_workers=workers)
+    if loader in MAPPED:
+        from loader_contenders import busy_10us
+
+        ds = ds.map(busy_10us)
+    dl = ds.to_torch_dataloader(batch_size=256, shuffle=True, num_workers=workers_of(loader))
     return lambda: dl
+
+
+def workers_of(loader: str) -> int:
+    """The DataLoader workers of a torch loader's name (``torch-w2``, ``torch-w0-map10us``)."""
+    return int(loader.removeprefix("torch-w").split("-")[0])
+
+
+def sources_of(loader: str) -> tuple[str, ...]:
+    return ("local", "s3") if loader in MAPPED else SOURCES
 
 
 def fill_cache(endpoint: str, cache: str) -> dict[str, float]:
@@ -137,8 +153,7 @@ def fault_epochs(loader: str, endpoint: str, epochs: int) -> dict[str, Any]:
     if loader == "tf":
         made = ds.to_tf_dataset(batch_size=256, columns=["input_ids"], label_cols=["labels"], shuffle=True, seed=0)
     else:
-        made = ds.to_torch_dataloader(batch_size=256, shuffle=True, seed=0,
-                                      num_workers=int(loader.removeprefix("torch-w")))
+        made = ds.to_torch_dataloader(batch_size=256, shuffle=True, seed=0, num_workers=workers_of(loader))
     setup = time.perf_counter() - t0
     seconds, counts, digests = 0.0, [], []
     cpu0 = tree_cpu_seconds()
@@ -163,7 +178,7 @@ def fault_runs(args: argparse.Namespace, side: str) -> dict[str, list[dict[str, 
     """For each added latency and each of this side's loaders, ``--repeat`` rounds of: a clean
     run, a run through the faults (``--fault-epochs`` epochs each), with the proxy's counters."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    loaders = [lo for lo, s in LOADERS.items() if s == side]
+    loaders = [lo for lo, s in LOADERS.items() if s == side and lo not in MAPPED]
     pairs = zip(args.fault_latency_ms, args.clean_endpoint.split(","), args.fault_endpoint.split(","))
     for latency, clean, faulty in pairs:
         for r in range(args.repeat):
@@ -187,7 +202,7 @@ def side_main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     shards = args.cache_dir / "s3-loader-shards" / "tfrecord"
-    names = [(lo, src) for lo, side in LOADERS.items() if side == args.side for src in SOURCES]
+    names = [(lo, src) for lo, side in LOADERS.items() if side == args.side for src in sources_of(lo)]
     with tempfile.TemporaryDirectory(prefix="dlpipe-s3-cache-") as cache:
         fill = fill_cache(args.endpoint, cache)
         print(f"  cache fill: {fill['bytes'] / 1e6:.1f} MB in {fill['seconds']:.2f} s", flush=True)
@@ -205,7 +220,7 @@ def side_main(args: argparse.Namespace) -> int:
                     failed[name] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()
                     continue
-                if src == "s3" and lo != "torch-w2":  # read in this process: its requests
+                if src == "s3" and (lo == "tf" or workers_of(lo) == 0):  # read in this process: its requests
                     run["reader"] = _LAST["ds"].reader().stats
                 runs[name].append(run)
                 print(f"  {name} #{r + 1}: {run['samples'] / run['seconds']:>10,.0f} samples/s  "
@@ -329,6 +344,24 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# issue 11: DataLoader workers that help, with and without a per-record transform
+WORKER_GOALS = {"": 1.0, "-map10us": 1.5}
+
+
+def worker_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``num_workers=2`` ÷ ``num_workers=0`` (median samples/s) per source, without and with the
+    ~10 µs map, against the goals."""
+    by = {(r["loader"], r["source"]): r["samples_per_s"] for r in rows}
+    out = []
+    for suffix, goal in WORKER_GOALS.items():
+        for source in ("local", "s3"):
+            w0, w2 = by.get((f"torch-w0{suffix}", source)), by.get((f"torch-w2{suffix}", source))
+            ratio = w2 / w0 if w0 and w2 else None
+            out.append({"transform": "map10us" if suffix else None, "source": source, "ratio": ratio, "goal": goal,
+                        "pass": None if ratio is None else ratio >= goal})
+    return out
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     corpus_dir = args.cache_dir / f"corpus-{args.records}"
     corpus = build_corpus(corpus_dir, args.records, args.seed)
@@ -373,6 +406,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "cache_fill": fills,
         "runs": rows,
         "ratios": ratios(rows),
+        "workers": worker_ratios(rows),
         "faults": {"rate": args.fault_rate, "kinds": {"slowdown": args.fault_rate / 2, "reset": args.fault_rate / 2},
                    "epochs_per_run": args.fault_epochs, "request_bytes": 0, "retry_policy": _retry_policy(),
                    "latency_ms": args.fault_latency_ms,
@@ -411,6 +445,9 @@ NOTES = [
     " before the rounds (the *cache fill* line), so the timed runs read local files (TF through"
     " TFRecordDataset, exactly the local pipeline); its ratio is the steady state of every epoch"
     " after the first.",
+    "`*-map10us`: `ds.map(f)` with f a ~10 µs per-record Python function (a tokenize/augment"
+    " stand-in from `loader_contenders.busy_10us`: it busy-waits 10 µs and adds a column); with"
+    " workers the map runs in them. Read from local disk and S3 only, and not in the fault runs.",
     "The S3 server is moto in one Python process on the same 2 cores: its CPU shows as *others*."
     " Real S3 answers each request later (tens of ms) but costs this host no CPU; read-ahead"
     " (several requests in flight) is what hides that latency, and it is not exercised here.",
@@ -448,6 +485,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         got = {r["source"]: r["ratio"] for r in res["ratios"] if r["loader"] == loader}
         lines.append(f"| {loader} | {_ratio(got.get('s3'))} | {_ratio(got.get('s3-cache'))} |")
     lines.append("")
+    if res.get("workers"):
+        lines += ["## PyTorch num_workers=2 ÷ num_workers=0 (median samples/s)", "",
+                  "| per record | source | w2 ÷ w0 | goal | |", "|---|---|---:|---:|---|"]
+        for w in res["workers"]:
+            verdict = "–" if w["pass"] is None else "PASS" if w["pass"] else "FAIL"
+            lines.append(f"| {'a ~10 µs map' if w['transform'] else 'no transform'} | {w['source']} |"
+                         f" {_ratio(w['ratio'])} | ≥ {w['goal']} | {verdict} |")
+        lines.append("")
     for side, fill in res["cache_fill"].items():
         if fill:
             lines.append(f"Cache fill ({side} process): {fill['bytes'] / 1e6:.1f} MB in {fill['seconds']:.2f} s"
