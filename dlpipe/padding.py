@@ -126,8 +126,8 @@ def record_lengths(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Real length (steps along the padded axis) of every record, and whether it is left-padded.
     ``path``: the file an error names, or each column's file (``Source.column_path``)."""
-    def file_of(column: str | None) -> str:
-        return path if isinstance(path, str) else path.get(column, next(iter(path.values()), "<input>"))
+    def file_of(column: str) -> str:
+        return path if isinstance(path, str) else path[column]
 
     width = spec.max_length
     n = len(next(iter(chunk.values())))

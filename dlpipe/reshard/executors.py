@@ -97,8 +97,7 @@ class LocalPool:
         try:
             for k in range(len(args)):
                 while k not in results:
-                    failed = [i for i, (ok, _) in results.items() if not ok]
-                    if failed:  # no new claims: wait for the running calls, then k is there or never runs
+                    if any(not ok for ok, _ in results.values()):  # no new claims: wait for the running calls, then k is there or never runs
                         while len(self._idle) < len(self._helpers):
                             self._collect(results, number, block=True)
                         if k not in results:
